@@ -15,12 +15,18 @@ NAME = "ref"
 CHUNK_ROWS = 4096        # rows decoded per step in matmul: bounds the temporary float32 buffer
 
 
-def prepare(w: QTensor) -> QTensor:
+def prepare(w):
+    """Backend form of a weight. Weight objects of other layouts (e.g. ternary bit-planes) carry
+    their own kernels: they provide `prepare(backend_name)` and `matmul(x)` (the plug-in protocol)."""
+    if not isinstance(w, QTensor):
+        return w.prepare(NAME)
     return w
 
 
-def matmul(w: QTensor, x: np.ndarray) -> np.ndarray:
+def matmul(w, x: np.ndarray) -> np.ndarray:
     """y[T, N] = x[T, K] @ W[N, K].T, W decoded from its blocks chunk by chunk."""
+    if not isinstance(w, QTensor):
+        return w.matmul(x)
     x = np.asarray(x, np.float32)
     n, k = w.shape
     y = np.empty((x.shape[0], n), np.float32)
