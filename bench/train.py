@@ -1,0 +1,158 @@
+"""Training step throughput: plainlm.train (numpy) vs PyTorch CPU, same model, batch and threads.
+
+One ~10M-parameter Llama-style model (RMSNorm, RoPE, SwiGLU, GQA), T=256. A step is
+forward + backward + global-norm clip + AdamW. Prints one JSON line and appends a row to
+bench/RESULTS.md.
+
+    python bench/train.py [--threads 2] [--batch 8] [--steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--threads", type=int, default=os.cpu_count())
+ap.add_argument("--batch", type=int, default=8)
+ap.add_argument("--seq", type=int, default=256)
+ap.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+ap.add_argument("--dim", type=int, default=384)
+ap.add_argument("--layers", type=int, default=6)
+ap.add_argument("--vocab", type=int, default=4096)
+ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+args = ap.parse_args()
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(args.threads)
+
+import numpy as np  # noqa: E402  (after the thread variables)
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from plainlm.train.model import ArchConfig, backward, forward, init_params, n_params  # noqa: E402
+from plainlm.train.optim import AdamW, clip_grad_norm  # noqa: E402
+
+torch.set_num_threads(args.threads)
+F = torch.nn.functional
+
+cfg = ArchConfig(arch="llama", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=6,
+                 n_kv_heads=2, ffn_dim=1024, context_length=args.seq)
+P = init_params(cfg, 0)
+rng = np.random.default_rng(0)
+ids = rng.integers(0, cfg.vocab_size, (args.batch, args.seq))
+tgt = np.roll(ids, -1, 1)
+tokens = args.batch * args.seq
+
+
+# ---- plainlm ----------------------------------------------------------------------------------
+opt = AdamW(P, lr=1e-4)
+
+
+def ours_step():
+    loss, cache = forward(cfg, P, ids, tgt)
+    G = backward(cfg, P, cache)
+    del cache
+    clip_grad_norm(G, 1.0)
+    opt.step(P, G)
+    return loss
+
+
+# ---- PyTorch, the same model written with nn.Module -------------------------------------------
+class TorchLlama(torch.nn.Module):
+    def __init__(self, cfg, P):
+        super().__init__()
+        self.cfg = cfg
+        self.p = torch.nn.ParameterDict({k.replace(".", "_"): torch.nn.Parameter(torch.tensor(v))
+                                         for k, v in P.items()})
+        Dh = cfg.head_dim
+        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh))
+        ang = torch.outer(torch.arange(cfg.context_length, dtype=torch.float64), inv)
+        emb = torch.cat((ang, ang), -1)
+        self.cos, self.sin = emb.cos().float(), emb.sin().float()
+
+    def w(self, name):
+        return self.p[name.replace(".", "_")]
+
+    def rope(self, x):                                   # [B, H, T, Dh]
+        T, h = x.shape[2], x.shape[-1] // 2
+        rot = torch.cat((-x[..., h:], x[..., :h]), -1)
+        return x * self.cos[:T] + rot * self.sin[:T]
+
+    def forward(self, ids, tgt):
+        c = self.cfg
+        B, T = ids.shape
+        H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.head_dim
+        x = self.w("token_embd")[ids]
+        for i in range(c.n_layers):
+            p = f"blk.{i}."
+            h = F.rms_norm(x, (c.dim,), self.w(p + "attn_norm"), c.norm_eps)
+            q = F.linear(h, self.w(p + "attn_q")).view(B, T, H, Dh).transpose(1, 2)
+            k = F.linear(h, self.w(p + "attn_k")).view(B, T, Hkv, Dh).transpose(1, 2)
+            v = F.linear(h, self.w(p + "attn_v")).view(B, T, Hkv, Dh).transpose(1, 2)
+            q, k = self.rope(q), self.rope(k)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, T, -1), self.w(p + "attn_output"))
+            h = F.rms_norm(x, (c.dim,), self.w(p + "ffn_norm"), c.norm_eps)
+            x = x + F.linear(F.silu(F.linear(h, self.w(p + "ffn_gate"))) * F.linear(h, self.w(p + "ffn_up")),
+                             self.w(p + "ffn_down"))
+        x = F.rms_norm(x, (c.dim,), self.w("output_norm"), c.norm_eps)
+        logits = x @ self.w("token_embd").T
+        return F.cross_entropy(logits.view(B * T, -1), tgt.view(-1))
+
+
+tm = TorchLlama(cfg, P)
+topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+tids, ttgt = torch.tensor(ids), torch.tensor(tgt)
+
+
+def torch_step():
+    topt.zero_grad(set_to_none=True)
+    loss = tm(tids, ttgt)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
+    topt.step()
+    return loss.item()
+
+
+def timeit(fn):
+    for _ in range(2):
+        first = fn()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        fn()
+    return tokens * args.steps / (time.perf_counter() - t0), first
+
+
+# interleave so that load from other processes on a shared machine hits both alike
+ours, l_ours = timeit(ours_step)
+theirs, l_torch = timeit(torch_step)
+ours2, _ = timeit(ours_step)
+theirs2, _ = timeit(torch_step)
+ours, theirs = max(ours, ours2), max(theirs, theirs2)
+
+cpu = "unknown"
+try:
+    with open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+except (OSError, StopIteration):
+    cpu = platform.processor() or cpu
+row = {"bench": "train_step", "params": n_params(cfg), "batch": args.batch, "seq": args.seq,
+       "threads": args.threads, "plainlm_tok_s": round(ours, 1), "torch_tok_s": round(theirs, 1),
+       "ratio": round(ours / theirs, 3), "loss_plainlm": round(l_ours, 4), "loss_torch": round(l_torch, 4),
+       "torch": torch.__version__, "numpy": np.__version__, "cpu": cpu}
+print(json.dumps(row))
+
+if not args.no_results:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+    cmd = "python bench/train.py " + " ".join(sys.argv[1:])
+    new = not os.path.exists(path)
+    with open(path, "a") as f:
+        if new:
+            f.write("# Benchmark results\n\n")
+        f.write(f"\n### train step, {datetime.date.today().isoformat()}, {cpu}, {args.threads} threads\n"
+                f"`{cmd.strip()}`: {n_params(cfg) / 1e6:.1f}M-param llama, B={args.batch} T={args.seq}: "
+                f"plainlm {ours:.0f} tok/s, PyTorch {theirs:.0f} tok/s, ratio {ours / theirs:.2f}\n")
