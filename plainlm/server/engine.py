@@ -1,0 +1,279 @@
+"""Continuous batching: one thread owns the model and its KV cache; requests come and go between steps.
+
+Every engine step is ONE `forward` call over the quantized weights that holds
+
+    * one token for every running request that is decoding (its last sampled token), and
+    * the next chunk (at most `prefill_chunk` tokens) of prompts that are still being prefilled,
+
+each in its own cache slot. `logits="per_slot"` gives one row per slot, in the order the slots appear,
+so row i belongs to the i-th request in the batch. A long prompt thus costs running decodes only a
+chunk's worth of time per step instead of stalling them for the whole prompt.
+
+A request joins at the next step (it takes a free slot), and leaves the moment it finishes — EOS, a
+stop string, max_tokens, the end of the context — or is cancelled (client disconnected): its slot
+is reset and handed to the next waiting request at once.
+
+Memory is bounded: the KV cache is preallocated for `n_slots` sequences of `n_ctx` positions, and at
+most `max_queue` requests wait for a slot; past that `submit` raises `Busy` (HTTP 503 + Retry-After).
+
+Events go back to the caller through `Request.on_event(kind, payload)`, called on the engine thread:
+    ("text", str)            decoded text, stop strings already cut out
+    ("done", dict)           finish_reason, prompt_tokens, completion_tokens, ttft_s, ...
+    ("error", str)           the request failed (a bug or an unexpected model error)
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..generate import StopMatcher
+from ..model import forward
+from ..sampling import GREEDY, SamplingParams, make_rng, sample
+from ..tokenizer import StreamDecoder
+from .metrics import Metrics
+
+PREFILL, DECODE = "prefill", "decode"
+_ids = itertools.count(1)
+
+
+class Busy(Exception):
+    """Every slot is taken and the queue is full: try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"server busy: all slots and the queue are full; retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = GREEDY
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    on_event: object = None                 # on_event(kind, payload), called on the engine thread
+    # ---- engine state --------------------------------------------------------------------------
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False                 # set from any thread; the engine frees the slot next step
+    state: str = PREFILL
+    slot: int = -1
+    n_prefilled: int = 0                    # prompt tokens whose keys/values are in the cache
+    out_ids: list[int] = field(default_factory=list)
+    t_submit: float = 0.0
+    t_first: float = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    """Owns `model` and a KV cache of `n_slots` x `n_ctx`; runs requests in a background thread.
+
+    `forward_fn(ids, pos, slot) -> logits [B, V]` can replace the model (tests of the HTTP layer).
+    """
+
+    def __init__(self, model, tokenizer, n_slots: int = 8, max_queue: int = 64, n_ctx: int = 4096,
+                 prefill_chunk: int = 128, forward_fn=None, metrics: Metrics | None = None):
+        if n_slots < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("need n_slots >= 1, max_queue >= 0 and prefill_chunk >= 1")
+        self.model, self.tokenizer = model, tokenizer
+        if model is not None:
+            n_ctx = min(n_ctx, model.config.context_length)
+        self.n_slots, self.max_queue, self.n_ctx, self.prefill_chunk = n_slots, max_queue, n_ctx, prefill_chunk
+        self.cache = model.new_cache(n_ctx, n_slots) if forward_fn is None else None
+        self._forward = forward_fn or self._model_forward
+        self.eos = set(getattr(tokenizer, "eot_ids", ()) or ())
+        self.metrics = metrics or Metrics()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._free = list(range(n_slots - 1, -1, -1))     # pop() hands out slot 0 first
+        self._cv = threading.Condition()
+        self._closing = False
+        self._step_s = 0.05                                # moving average of a step's time (Retry-After)
+        self._thread = threading.Thread(target=self._loop, name="plainlm-engine", daemon=True)
+
+    # ------------------------------------------------------------------------------ public side
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def submit(self, r: Request) -> Request:
+        """Queue `r`; raises Busy when slots and queue are full, ValueError for a prompt that can't fit."""
+        if not r.prompt_ids:
+            raise ValueError("empty prompt")
+        if len(r.prompt_ids) >= self.n_ctx:
+            raise ValueError(f"prompt of {len(r.prompt_ids)} tokens does not fit the context of {self.n_ctx}")
+        with self._cv:
+            if self._closing:
+                raise Busy(5)
+            if len(self._waiting) + len(self._running) >= self.n_slots + self.max_queue:
+                self.metrics.inc("plainlm_requests_rejected_total")
+                raise Busy(self.retry_after())
+            r.t_submit = time.perf_counter()
+            self._waiting.append(r)
+            self.metrics.set("plainlm_queue_depth", len(self._waiting))
+            self._cv.notify()
+        return r
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the shortest remaining run times the step time."""
+        left = [r.max_tokens - len(r.out_ids) for r in list(self._running)] or [1]
+        return int(min(60, max(1, math.ceil(min(left) * self._step_s))))
+
+    def snapshot(self) -> dict:
+        return {"slots": self.n_slots, "slots_busy": len(self._running), "queue": len(self._waiting),
+                "queue_max": self.max_queue, "n_ctx": self.n_ctx}
+
+    # ------------------------------------------------------------------------------ engine thread
+
+    def _model_forward(self, ids, pos, slot):
+        return forward(self.model, ids, pos, self.cache, slot, logits="per_slot")
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closing and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._closing:
+                    for r in list(self._waiting) + self._running:
+                        self._emit(r, "error", "server shutting down")
+                    return
+                self._admit()
+            if self._running:
+                self._step()
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots (lock held)."""
+        while self._waiting and self._free:
+            r = self._waiting.popleft()
+            if r.cancelled:
+                self._finished(r, "cancelled", release=False)
+                continue
+            r.slot = self._free.pop()
+            r.state, r.n_prefilled = PREFILL, 0
+            r._rng = make_rng(r.sampling.seed)
+            r._dec = StreamDecoder(self.tokenizer)
+            r._stop = StopMatcher(r.stop)
+            r._penalised = (r.sampling.repeat_penalty != 1 or r.sampling.presence_penalty != 0
+                            or r.sampling.frequency_penalty != 0)
+            self._running.append(r)
+        self.metrics.set("plainlm_queue_depth", len(self._waiting))
+        self.metrics.set("plainlm_slots_busy", len(self._running))
+
+    def _step(self) -> None:
+        for r in [r for r in self._running if r.cancelled]:
+            self._finished(r, "cancelled")
+        if not self._running:
+            return
+        # ---- build one batch: decodes first (one token each), then prompt chunks ----------------
+        batch, ids, pos, slot = [], [], [], []
+        for r in self._running:
+            if r.state == DECODE:
+                p = len(r.prompt_ids) + len(r.out_ids) - 1      # position of the last sampled token
+                batch.append(r)
+                ids.append(r.out_ids[-1]), pos.append(p), slot.append(r.slot)
+        budget = self.prefill_chunk
+        for r in self._running:
+            if r.state == PREFILL and budget > 0:
+                n = min(budget, len(r.prompt_ids) - r.n_prefilled)
+                a = r.n_prefilled
+                batch.append(r)
+                ids += r.prompt_ids[a:a + n]
+                pos += range(a, a + n)
+                slot += [r.slot] * n
+                r.n_prefilled += n
+                budget -= n
+        t0 = time.perf_counter()
+        try:
+            logits = self._forward(np.asarray(ids, np.int64), np.asarray(pos, np.int64),
+                                   np.asarray(slot, np.int64))                      # [len(batch), V]
+        except Exception as e:                                                      # noqa: BLE001
+            for r in batch:
+                self._emit(r, "error", f"model error: {type(e).__name__}: {e}")
+                self._finished(r, "error", notify=False)
+            return
+        dt = time.perf_counter() - t0
+        self._step_s = 0.8 * self._step_s + 0.2 * dt
+        self.metrics.observe("plainlm_step_seconds", dt)
+        self.metrics.inc("plainlm_batch_tokens_total", len(ids))
+        n_dec = sum(r.state == DECODE for r in batch)
+        self.metrics.observe("plainlm_decode_batch_size", n_dec)
+        # ---- one sampled token per request whose logits are for a real next token ----------------
+        for r, row in zip(batch, logits):
+            if r.state == PREFILL:
+                if r.n_prefilled < len(r.prompt_ids):
+                    continue                                   # mid-prompt: nothing to sample yet
+                r.state = DECODE
+                r.t_first = time.perf_counter()
+                self.metrics.observe("plainlm_time_to_first_token_seconds", r.t_first - r.t_submit)
+            self._accept(r, row)
+
+    def _accept(self, r: Request, row) -> None:
+        history = (r.prompt_ids + r.out_ids) if r._penalised else ()
+        tok = sample(row, r.sampling, r._rng, history)
+        if tok in self.eos and not r.ignore_eos:
+            return self._finished(r, "stop")
+        r.out_ids.append(tok)
+        self.metrics.inc("plainlm_generation_tokens_total")
+        text = r._stop.push(r._dec.push(tok))
+        if r._stop.hit:
+            if text:
+                self._emit(r, "text", text)
+            return self._finished(r, "stop", flush=False)
+        if text:
+            self._emit(r, "text", text)
+        if len(r.out_ids) >= r.max_tokens:
+            return self._finished(r, "length")
+        if len(r.prompt_ids) + len(r.out_ids) - 1 >= self.n_ctx:      # no room to feed it back
+            return self._finished(r, "length")
+
+    def _finished(self, r: Request, reason: str, release: bool = True, flush: bool = True,
+                  notify: bool = True) -> None:
+        if release and r in self._running:
+            self._running.remove(r)
+            if self.cache is not None:
+                self.cache.reset(r.slot)
+            self._free.append(r.slot)
+            self.metrics.set("plainlm_slots_busy", len(self._running))
+        if reason in ("stop", "length") and flush:
+            tail = r._stop.push(r._dec.flush())
+            if r._stop.hit:
+                reason = "stop"
+            else:
+                tail += r._stop.flush()
+            if tail:
+                self._emit(r, "text", tail)
+        now = time.perf_counter()
+        self.metrics.inc("plainlm_requests_total", labels={"finish_reason": reason})
+        self.metrics.inc("plainlm_prompt_tokens_total", len(r.prompt_ids) if r.n_prefilled else 0)
+        if reason in ("stop", "length"):
+            self.metrics.observe("plainlm_request_seconds", now - r.t_submit)
+        if notify and reason != "error":
+            self._emit(r, "done", {
+                "finish_reason": reason, "prompt_tokens": len(r.prompt_ids),
+                "completion_tokens": len(r.out_ids),
+                "ttft_s": (r.t_first - r.t_submit) if r.t_first else None,
+                "total_s": now - r.t_submit})
+
+    @staticmethod
+    def _emit(r: Request, kind: str, payload) -> None:
+        if r.on_event is None:
+            return
+        try:
+            r.on_event(kind, payload)
+        except Exception:                                  # noqa: BLE001 - a closed event loop
+            r.cancelled = True
