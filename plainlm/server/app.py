@@ -223,14 +223,19 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
 
         if not stream:
             parts = []
+            checked = time.monotonic()
             try:
                 while True:
                     try:
                         kind, payload = await asyncio.wait_for(q.get(), 0.5)
                     except asyncio.TimeoutError:
+                        kind = None
+                    if time.monotonic() - checked >= 0.5:            # client still there?
+                        checked = time.monotonic()
                         if await request.is_disconnected():
                             r.cancel()
                             return PlainTextResponse("", status_code=499)
+                    if kind is None:
                         continue
                     if kind == "text":
                         parts.append(payload)
