@@ -152,7 +152,12 @@ def read_gguf(path: str | os.PathLike, mmap_data: bool = True) -> GGUFFile:
     r.pos = 4
     version = r.u32("version")
     if version not in (2, 3):
-        raise r.fail(f"unsupported GGUF version {version} (plainlm reads 2 and 3)", 4)
+        hint = ""
+        if struct.unpack("<I", struct.pack(">I", version))[0] in (1, 2, 3):
+            hint = " — this looks like a big-endian GGUF, which plainlm does not read"
+        elif version == 1:
+            hint = " — GGUF v1 used 32-bit counts; re-convert the model"
+        raise r.fail(f"unsupported GGUF version {version} (plainlm reads 2 and 3){hint}", 4)
     n_tensors = r.u64("tensor_count")
     n_kv = r.u64("kv_count")
     # every kv needs >= 8 (key len) + 4 (type) + 1 bytes; every tensor info >= 8 + 4 + 8 + 4 + 8
@@ -173,8 +178,10 @@ def read_gguf(path: str | os.PathLike, mmap_data: bool = True) -> GGUFFile:
         meta[key] = r.value(t, f"metadata '{key}'")
 
     alignment = meta.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
-        raise GGUFError(f"{path}: general.alignment = {alignment!r} is not a power of two <= 1 MiB")
+    if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
+            or alignment & (alignment - 1) or alignment > 1 << 20):
+        raise GGUFError(f"{path}: general.alignment = {alignment!r} is not a power of two <= 1 MiB "
+                        f"(metadata ends at byte offset {r.pos})")
 
     infos = []
     for i in range(n_tensors):
@@ -196,24 +203,38 @@ def read_gguf(path: str | os.PathLike, mmap_data: bool = True) -> GGUFFile:
             raise GGUFError(f"{path}: duplicate tensor name '{name}' (tensor info at byte offset {at})")
         qt = quant.QTYPES.get(tid)
         if qt is None or (tid in (34, 35) and arch.startswith("bitnet-b1.58")):
-            known = quant.KNOWN_UNSUPPORTED.get(tid)
+            known = None if 34 <= tid <= 39 else quant.KNOWN_UNSUPPORTED.get(tid)
             extra = ""
-            if 36 <= tid <= 39 or (tid in (34, 35) and arch.startswith("bitnet-b1.58")):
-                extra = (f"; ids 36-39 mean I2_S/I8_S/TL1/TL2 in bitnet.cpp files but retired IQ4_NL "
-                         f"variants/MXFP4 upstream — architecture is '{arch}'")
+            if 34 <= tid <= 39:
+                fork = {36: "I2_S", 37: "I8_S", 38: "TL1", 39: "TL2"}.get(tid)
+                upstream = {34: "TQ1_0", 35: "TQ2_0", 36: "IQ4_NL_4_4 (retired)", 37: "IQ4_NL_4_8 (retired)",
+                            38: "IQ4_NL_8_8 (retired)", 39: "MXFP4"}[tid]
+                if not arch.startswith("bitnet-b1.58"):
+                    meaning = f"upstream ggml's {upstream}"
+                elif fork:
+                    meaning = f"bitnet.cpp's {fork}"
+                else:
+                    meaning = f"ambiguous (upstream {upstream}; not a bitnet.cpp type)"
+                extra = (f"; type ids 34-39 clash between upstream ggml (34 TQ1_0, 35 TQ2_0, 36-38 retired "
+                         f"IQ4_NL_x_x, 39 MXFP4) and bitnet.cpp (36 I2_S, 37 I8_S, 38 TL1, 39 TL2): with "
+                         f"general.architecture = '{arch}' id {tid} is read as {meaning}")
             raise GGUFError(f"{path}: tensor '{name}' has unsupported type id {tid}"
                             f"{' (' + known + ')' if known else ''}{extra} (tensor info at byte offset {at})")
-        if any(d == 0 for d in dims) or any(d > 1 << 40 for d in dims):
+        if any(d == 0 for d in dims) or any(d >= 1 << 63 for d in dims):
             raise GGUFError(f"{path}: tensor '{name}': absurd dims {dims} (tensor info at byte offset {at})")
         n = 1
         for d in dims:
             n *= d
+        if n >= 1 << 63:      # ggml counts elements in int64 (gguf.cpp rejects the same overflow)
+            raise GGUFError(f"{path}: tensor '{name}': dims {dims} multiply to {n} elements, which "
+                            f"overflows int64 (tensor info at byte offset {at})")
         if dims[0] % qt.block:
             raise GGUFError(f"{path}: tensor '{name}': ne0 = {dims[0]} is not a multiple of the "
                             f"{qt.name} block size {qt.block} (tensor info at byte offset {at})")
         nbytes = n // qt.block * qt.bytes
         if off % alignment:
-            raise GGUFError(f"{path}: tensor '{name}': offset {off} is not aligned to {alignment}")
+            raise GGUFError(f"{path}: tensor '{name}': offset {off} is not a multiple of the alignment "
+                            f"{alignment} (tensor info at byte offset {at})")
         start = data_start + off
         if start + nbytes > size:
             raise GGUFError(f"{path}: tensor '{name}': data [{start}, {start + nbytes}) lies beyond the "

@@ -200,7 +200,10 @@ def quantize(x: np.ndarray, qt: QType) -> np.ndarray:
         amax = np.abs(b).max(-1)
         d = amax / 127.0
         inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1), 0.0)
-        v = b.astype(np.float64) * inv[..., None]
+        # ggml-quants.c: `const float x0 = x*id; qs = roundf(x0)`. The product must be rounded to
+        # float32 first (a float64 product can fall on the other side of a .5 tie); the rounding
+        # itself is done in float64, where |x0| + 0.5 is exact (in float32 0.49999997 + 0.5 == 1).
+        v = (b * inv[..., None]).astype(np.float32).astype(np.float64)
         q = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int8)   # C roundf: half away from 0
         out = np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=-1)
     elif qt is Q4_0:
