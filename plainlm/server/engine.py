@@ -95,6 +95,7 @@ class Engine:
         self._free = list(range(n_slots - 1, -1, -1))     # pop() hands out slot 0 first
         self._cv = threading.Condition()
         self._closing = False
+        self.max_decode_batch = 0                          # largest decode batch seen (tests, bench)
         self._step_s = 0.05                                # moving average of a step's time (Retry-After)
         self._thread = threading.Thread(target=self._loop, name="plainlm-engine", daemon=True)
 
@@ -212,6 +213,7 @@ class Engine:
         self.metrics.inc("plainlm_batch_tokens_total", len(ids))
         n_dec = sum(r.state == DECODE for r in batch)
         self.metrics.observe("plainlm_decode_batch_size", n_dec)
+        self.max_decode_batch = max(self.max_decode_batch, n_dec)
         # ---- one sampled token per request whose logits are for a real next token ----------------
         for r, row in zip(batch, logits):
             if r.state == PREFILL:
