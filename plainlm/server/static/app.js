@@ -170,6 +170,7 @@ for (const k of SETTINGS) $(k).addEventListener("change", save);
 for (const k of ["temperature", "top_p"]) {
   const show = () => { $(`${k}-out`).textContent = $(k).value; };
   $(k).addEventListener("input", show);
+  $(k).addEventListener("change", show);
 }
 
 load();
