@@ -86,7 +86,13 @@ def record_trace(db: DB, m, tok, prompt: str, max_tokens: int = 16, threshold: f
         prompt_ids = tok.encode(prompt)
     stop = set(getattr(tok, "eot_ids", ()) or ()) | ({tok.eos_id} if getattr(tok, "eos_id", None) is not None else set())
     ids, n_prompt, probs = run_with_trace(m, prompt_ids, max_tokens, stop)
-    cfg = m.config
+    return store_trace(db, tok, prompt, ids, n_prompt, probs, threshold, model_name, m.config)
+
+
+def store_trace(db: DB, tok, prompt: str, ids, n_prompt: int, probs, threshold: float, model_name: str,
+                config) -> int:
+    """Write one run_with_trace result; returns the run id."""
+    cfg = config
     rid = db.next_id("trace_runs")
     db.execute("INSERT INTO trace_runs (id, model, prompt, threshold, n_prompt, n_layers, n_heads, created) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
