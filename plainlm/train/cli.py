@@ -18,7 +18,7 @@ FLAGS = {
     "--weight-decay": ("weight_decay", float), "--grad-clip": ("grad_clip", float), "--seed": ("seed", int),
     "--eval-every": ("eval_every", int), "--eval-windows": ("eval_windows", int),
     "--patience": ("patience", int), "--log-every": ("log_every", int), "--ckpt-every": ("ckpt_every", int),
-    "--sample-every": ("sample_every", int),
+    "--sample-every": ("sample_every", int), "--max-minutes": ("max_minutes", float),
 }
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0                        # print a sample at each N-th eval step (0 = off)
+    max_minutes: float = 0.0                     # stop (with a checkpoint) after this wall time (0 = off)
     plot: bool = True
 
     @classmethod
@@ -85,6 +86,8 @@ class TrainConfig:
             pos_int(n, zero_ok=True)
         if not self.data:
             raise TrainError("no training data: give files or directories (data / --data), or \"kjv\"")
+        if not (self.max_minutes >= 0):
+            raise TrainError(f"max_minutes must be non-negative, got {self.max_minutes}")
         if not (0 <= self.val_fraction < 1):
             raise TrainError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not (self.lr > 0) or self.min_lr < 0:
@@ -358,6 +361,7 @@ def train(tc: TrainConfig, fresh: bool = False, progress: bool | None = None, lo
     stopped = "steps"
     last_val = None
     busy, tok_count = 0.0, 0                        # tok/s counts training steps only (not evals)
+    t_start = time.time()
     while step < tc.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, tc.lr, tc.warmup, tc.steps, tc.min_lr)
@@ -405,9 +409,15 @@ def train(tc: TrainConfig, fresh: bool = False, progress: bool | None = None, lo
                 stopped = "early_stop"
                 (bar.write if bar is not None else log)(
                     f"early stop: no val improvement in {tc.patience} evaluations (best {best_val:.4f})")
-        if step % tc.ckpt_every == 0 or step == tc.steps or stopped == "early_stop":
+        if tc.max_minutes and time.time() - t_start > 60 * tc.max_minutes and stopped == "steps":
+            stopped = "time"
+            if tc.eval_every and windows is not None and not evaluate_now:
+                last_val = evaluate(cfg, params, windows, B)
+                metrics.add({"step": step, "val_loss": round(last_val, 5)})
+            (bar.write if bar is not None else log)(f"time limit of {tc.max_minutes} minutes reached at step {step}")
+        if step % tc.ckpt_every == 0 or step == tc.steps or stopped != "steps":
             save_checkpoint(ckpt, params, opt, meta_now())
-        if stopped == "early_stop":
+        if stopped != "steps":
             break
     if bar is not None:
         bar.close()
