@@ -42,6 +42,8 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
     for name, ti in g.tensors.items():
         key = name[:-len(".weight")] if name.endswith(".weight") else name
         w[key] = QTensor(ti.qtype, ti.shape, ti.data)
+    if cfg.arch == "bitnet":
+        _bitnet_weights(w, g.path)
     _check_llama_tensors(cfg, w, g.path)
     if cfg.arch == "llama":
         for i in range(cfg.n_layers):
@@ -50,6 +52,39 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
     if "output" not in w:
         w["output"] = w["token_embd"]                 # tied head: logits = x @ token_embd.T
     return Checkpoint(cfg, w, g.metadata, g.path)
+
+
+def _bitnet_weights(w: dict, path: str) -> None:
+    """BitNet GGUF (arch `bitnet` or bitnet.cpp's `bitnet-b1.58`): ternary projections (TQ1_0,
+    TQ2_0, I2_S) become TernaryWeight bit planes and their mapped file pages are released; a
+    16-bit embedding becomes a HalfWeight, which also serves as the tied output head. No Q/K
+    permutation: BitNet converters do not permute, the model uses rotate_half RoPE directly.
+    A TQ tensor whose blocks in one row carry different scales stays in block form."""
+    from ..kernels.ternary import HalfWeight
+    from ..quant import BF16, F16, TQ1_0, TQ2_0
+    from ..quant.ternary import I2_S, TernaryFormatError, TernaryWeight
+    from .safetensors import release_pages
+    for name in list(w):
+        t = w[name]
+        if not isinstance(t, QTensor) or len(t.shape) != 2:
+            continue
+        if t.qtype in (TQ1_0, TQ2_0, I2_S):
+            try:
+                if t.qtype is I2_S:
+                    tw = TernaryWeight.from_i2s(t.data, t.shape)
+                else:
+                    tw = TernaryWeight.from_tq(t.data, t.qtype, t.shape)
+            except TernaryFormatError as e:
+                if t.qtype is I2_S:
+                    raise GGUFError(f"{path}: tensor '{name}.weight' (I2_S): {e}") from None
+                continue
+            sc = w.pop(name + ".scale", None)      # upstream llama.cpp's optional output scale, [1]
+            if sc is not None:
+                tw.scale = tw.scale * np.float32(sc.dequantize().reshape(-1)[0])
+            release_pages(t.data)
+            w[name] = tw
+        elif name in ("token_embd", "output") and t.qtype in (F16, BF16):
+            w[name] = HalfWeight(t.data.view(np.uint16).reshape(t.shape), t.qtype.name.lower())
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -202,6 +202,9 @@ def read_gguf(path: str | os.PathLike, mmap_data: bool = True) -> GGUFFile:
         if name in tensors:
             raise GGUFError(f"{path}: duplicate tensor name '{name}' (tensor info at byte offset {at})")
         qt = quant.QTYPES.get(tid)
+        if tid == 36 and arch.startswith("bitnet-b1.58"):
+            from ..quant.ternary import I2_S        # bitnet.cpp's id 36 (formats.md §2.2)
+            qt = I2_S
         if qt is None or (tid in (34, 35) and arch.startswith("bitnet-b1.58")):
             known = None if 34 <= tid <= 39 else quant.KNOWN_UNSUPPORTED.get(tid)
             extra = ""
@@ -232,6 +235,8 @@ def read_gguf(path: str | os.PathLike, mmap_data: bool = True) -> GGUFFile:
             raise GGUFError(f"{path}: tensor '{name}': ne0 = {dims[0]} is not a multiple of the "
                             f"{qt.name} block size {qt.block} (tensor info at byte offset {at})")
         nbytes = n // qt.block * qt.bytes
+        if qt.name == "I2_S":
+            nbytes += 32                            # I2_S: codes, then one fp32 scale in a 32-byte tail
         if off % alignment:
             raise GGUFError(f"{path}: tensor '{name}': offset {off} is not a multiple of the alignment "
                             f"{alignment} (tensor info at byte offset {at})")
@@ -243,7 +248,9 @@ def read_gguf(path: str | os.PathLike, mmap_data: bool = True) -> GGUFFile:
         data = None
         if mmap_data:
             rows = n // dims[0]
-            data = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start).reshape(rows, -1)
+            data = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start)
+            if qt.name != "I2_S":                   # I2_S stays flat: its scale tail is not a row
+                data = data.reshape(rows, -1)
         tensors[name] = TensorInfo(name, qt, shape, start, nbytes, data)
     return GGUFFile(path, version, meta, tensors, alignment, data_start, size)
 

@@ -123,7 +123,7 @@ def encode_tq2(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 def _pack3(c: np.ndarray, nd: int) -> np.ndarray:
     """digits [..., nd, m] (most significant first) -> fixed-point bytes [..., m]."""
-    w = np.array([81, 27, 9, 3, 1][:nd], np.uint16).reshape((nd, 1)) * (3 if nd == 4 else 1)
+    w = np.array([81, 27, 9, 3, 1][:nd], np.uint16).reshape((nd, 1))   # qh: 4 digits in the top positions
     v = (c.astype(np.uint16) * w).sum(axis=-2)                              # < 243
     return ((v * 256 + 242) // 243).astype(np.uint8)                        # ceil(v * 256 / 243)
 
@@ -354,3 +354,8 @@ class TernaryWeight:
         """y[T, N] = act_quant(x[T, K]) @ W.T, integer sums, rescaled (module docstring)."""
         from ..kernels import ternary as tk
         return tk.ternary_matmul(self, x, self.backend)
+
+
+# bitnet.cpp's I2_S as the GGUF reader sees it: 4 weights per byte, plus the 32-byte scale tail the
+# reader adds. Id 36 means I2_S only when general.architecture is bitnet-b1.58 (upstream: IQ4_NL_4_4).
+I2_S = QType("I2_S", 36, 4, 1)
