@@ -1,0 +1,1 @@
+"""Training small transformers from scratch (numpy forward/backward pairs); see README.md here."""
