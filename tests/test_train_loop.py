@@ -13,6 +13,8 @@ import pytest
 from plainlm.train import data as D
 from plainlm.train.loop import (TrainConfig, TrainError, load_checkpoint, save_checkpoint, train)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 TEXT = "".join(f"Line {i}: the cat sat on the mat, and the dog ran after the red ball.\n" for i in range(400))
 MODEL = dict(dim=32, n_layers=1, n_heads=2, context_length=32)
 
@@ -177,7 +179,7 @@ def _cli(tmp_path, out, steps=40):
            "warmup": 4, "eval_every": 10, "ckpt_every": 5, "log_every": 1, "seed": 3, "plot": False}
     path = tmp_path / f"{out.name}.json"
     path.write_text(json.dumps(cfg))
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env = dict(ENV, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     return [sys.executable, "-m", "plainlm", "train", "--config", str(path), "--no-progress"], env
 
 
@@ -223,7 +225,7 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path):
     argv = ["train", "--data", str(tmp_path / "corpus"), "--out", str(tmp_path / "o"), "--dim", "30",
             "--heads", "4"]
     r = subprocess.run([sys.executable, "-c", f"import sys; from plainlm.cli import main; sys.exit(main({argv!r}))"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "must divide dim" in r.stderr
 
@@ -231,6 +233,7 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path):
 def test_cli_sample(tmp_path):
     train(_cfg(tmp_path, steps=4), progress=False, log=lambda s: None)
     r = subprocess.run([sys.executable, "-m", "plainlm", "sample", str(tmp_path / "out" / "ckpt.npz"),
-                        "-p", "the cat", "-n", "8", "--seed", "1"], capture_output=True, text=True, timeout=120)
+                        "-p", "the cat", "-n", "8", "--seed", "1"], capture_output=True, text=True, timeout=120,
+                       env=ENV)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("the cat") and len(r.stdout) > len("the cat")
