@@ -237,3 +237,16 @@ def test_cli_sample(tmp_path):
                        env=ENV)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("the cat") and len(r.stdout) > len("the cat")
+
+
+@pytest.mark.parametrize("model", [
+    dict(arch="gpt2", dim=32, n_layers=1, n_heads=2, context_length=32, positions="sinusoidal",
+         norm_position="post"),
+    dict(arch="gpt2", dim=32, n_layers=1, n_heads=2, context_length=32),
+    dict(arch="bitnet", dim=32, n_layers=1, n_heads=2, context_length=32),
+])
+def test_every_architecture_learns(tmp_path, model):
+    train(_cfg(tmp_path, model=model, steps=15, lr=1e-2, eval_every=0), progress=False, log=lambda s: None)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    assert losses[-1] < losses[0] - 0.5, losses
