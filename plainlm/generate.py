@@ -111,8 +111,11 @@ def generate_ids(m: Model, prompt_ids, gc: GenerationConfig, eos_ids=(), cache=N
     stats.finish_reason = "length"
     t0 = time.perf_counter()
     for i in range(gc.max_tokens):
+        if gc.ignore_eos and eos:                   # as llama.cpp: EOS can never be drawn
+            logits = logits.copy()
+            logits[list(eos)] = -np.inf
         nxt = sample(logits, gc.sampling, rng, history)
-        if nxt in eos and not gc.ignore_eos:
+        if nxt in eos:
             stats.finish_reason = "stop"
             break
         stats.decode_s += time.perf_counter() - t0
@@ -191,9 +194,9 @@ def generate_text(m: Model, tok, prompt: str, gc: GenerationConfig):
     """Yield text pieces as they are decoded, then one GenerationResult."""
     prompt_ids = tok.encode(prompt, add_special=True)
     stats = Stats()
-    if gc.beams > 1:
+    if gc.beams > 1:                                 # beam search is deterministic (no sampling)
         t0 = time.perf_counter()
-        ids = beam_search(m, prompt_ids, gc.beams, gc.max_tokens, () if gc.ignore_eos else tok.eot_ids,
+        ids = beam_search(m, prompt_ids, gc.beams, gc.max_tokens, tok.eot_ids, ignore_eos=gc.ignore_eos,
                           n_ctx=context_size(m, gc, len(prompt_ids)))
         stats.decode_s, stats.decode_tokens = time.perf_counter() - t0, len(ids)
         stats.finish_reason = "stop" if len(ids) < gc.max_tokens else "length"
@@ -214,7 +217,7 @@ def generate_text(m: Model, tok, prompt: str, gc: GenerationConfig):
 # ------------------------------------------------------------------------------------------------
 
 def beam_search(m: Model, prompt_ids, n_beams: int, max_tokens: int, eos_ids=(), length_penalty: float = 1.0,
-                n_ctx: int | None = None) -> list[int]:
+                n_ctx: int | None = None, ignore_eos: bool = False) -> list[int]:
     """Keep the n_beams best partial continuations by total log-probability; a finished hypothesis
     (EOS, or max_tokens reached) scores sum_logprob / len**length_penalty, len = generated tokens
     (as transformers' BeamHypotheses do). Returns the best continuation's ids (without EOS).
@@ -233,10 +236,13 @@ def beam_search(m: Model, prompt_ids, n_beams: int, max_tokens: int, eos_ids=(),
         cache.k[:, s, :, :n0] = cache.k[:, 0, :, :n0]
         cache.v[:, s, :, :n0] = cache.v[:, 0, :, :n0]
     eos = set(eos_ids)
+    ban = sorted(eos) if ignore_eos else []         # never draw EOS; run to max_tokens
+    eos = set() if ignore_eos else eos
     beams = [[] for _ in range(n_beams)]
     scores = np.full(n_beams, -1e9)
     scores[0] = 0.0                                   # only beam 0 is live at the first step
     logp = np.repeat(log_softmax(logits)[None], n_beams, 0)          # [B, V]
+    logp[:, ban] = -np.inf
     finished: list[tuple[float, list[int]]] = []
     n_keep = max(2, 1 + len(eos)) * n_beams
     for step in range(max_tokens):
@@ -272,6 +278,7 @@ def beam_search(m: Model, prompt_ids, n_beams: int, max_tokens: int, eos_ids=(),
             break
         out = forward(m, toks, [pos] * n_beams, cache, slot=np.arange(n_beams), logits="per_slot")
         logp = log_softmax(out)
+        logp[:, ban] = -np.inf
     for s, b in zip(scores, beams):                   # running beams count as finished at the end
         if b:
             finished.append((s / len(b) ** length_penalty, b))
