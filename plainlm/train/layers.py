@@ -138,6 +138,17 @@ def sinusoid_table(T, D, dtype=np.float32):
 # causal grouped-query attention
 # ------------------------------------------------------------------------------------------------
 
+_MASKS = {}
+
+
+def _causal_mask(T, dtype):
+    """[T, T] additive mask: 0 on and below the diagonal, -inf above (cached per T, dtype)."""
+    key = (T, np.dtype(dtype).str)
+    if key not in _MASKS:
+        _MASKS[key] = np.triu(np.full((T, T), -np.inf, dtype), 1)
+    return _MASKS[key]
+
+
 def attention_forward(q, k, v):
     """Causal softmax attention, H query heads sharing Hkv key/value heads (g = H/Hkv).
 
@@ -155,7 +166,7 @@ def attention_forward(q, k, v):
     s = qg @ kt.transpose(0, 1, 3, 2)                             # [B, Hkv, g*T, T]
     s *= scale
     s4 = s.reshape(B, Hkv, g, T, T)
-    s4[..., np.triu(np.ones((T, T), bool), 1)] = -np.inf          # future keys
+    s4 += _causal_mask(T, s.dtype)                                # -inf on future keys
     s -= s.max(-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(-1, keepdims=True)
@@ -267,23 +278,26 @@ def bitlinear_backward(dy, cache):
 def cross_entropy_forward(logits, targets, ignore_index=-1):
     """Mean negative log-likelihood over the positions whose target != ignore_index.
 
-    logits[N, V], targets[N] -> (loss, cache). A batch with no valid target has loss 0."""
+    logits[N, V], targets[N] -> (loss, cache). A batch with no valid target has loss 0.
+    The cache holds the softmax probabilities [N, V]; the backward turns them into the gradient
+    in place (one N x V buffer instead of three)."""
     valid = targets != ignore_index
     n = max(int(valid.sum()), 1)
-    m = logits.max(-1, keepdims=True)
-    z = logits - m
-    lse = np.log(np.exp(z).sum(-1, keepdims=True))
-    logp = z - lse                                                # [N, V] log-softmax
     t = np.where(valid, targets, 0)
-    nll = -logp[np.arange(len(t)), t]
+    rows = np.arange(len(t))
+    z = logits - logits.max(-1, keepdims=True)                    # [N, V]
+    nll = -z[rows, t].astype(np.float64)
+    np.exp(z, out=z)
+    ssum = z.sum(-1, keepdims=True)
+    nll += np.log(ssum[:, 0].astype(np.float64))                  # -log softmax = lse - z_t
+    z /= ssum                                                     # probabilities
     loss = float((nll * valid).sum() / n)
-    return loss, (logp, t, valid, n)
+    return loss, (z, t, valid, n)
 
 
 def cross_entropy_backward(cache, dloss=1.0):
-    """-> dlogits[N, V] = (softmax - onehot) / n on valid rows, 0 on ignored rows."""
-    logp, t, valid, n = cache
-    d = np.exp(logp)
+    """-> dlogits[N, V] = (softmax - onehot) / n on valid rows, 0 on ignored rows (consumes the cache)."""
+    d, t, valid, n = cache
     d[np.arange(len(t)), t] -= 1.0
     d *= (valid[:, None] * (dloss / n)).astype(d.dtype)
     return d
