@@ -20,6 +20,13 @@ class UserError(Exception):
     """A problem in the user's input: printed as one line, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ("plainlm run: unrecognized arguments: --x"), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _user_errors():
     from .cache import ContextFull
     from .config import ConfigError
@@ -87,10 +94,7 @@ def cmd_run(args) -> int:
     m, tok = open_model(args)
     prompt = args.prompt
     if args.chat:
-        from .chat import render_chat
-        prompt = render_chat(tok.chat_template, [{"role": "user", "content": prompt}],
-                             add_generation_prompt=True, bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
-                             eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "")
+        prompt = tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     gc = GenerationConfig(max_tokens=args.max_tokens, sampling=sampling_from_args(args),
                           stop=args.stop, ignore_eos=args.ignore_eos, beams=args.beams,
                           n_ctx=args.ctx, window=args.window)
@@ -196,10 +200,10 @@ def cmd_pull(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="plainlm", description=(
+    ap = Parser(prog="plainlm", description=(
         "A transformer as plain loops and arithmetic that you can read, check and trust — and fast. "
         "Runs GGUF checkpoints (default: SmolLM2-135M-Instruct), trains, serves and verifies."))
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("run", help="complete a prompt (streams text)",
                        description="Complete PROMPT and stream the text. Special-token text in the "

@@ -305,11 +305,7 @@ class ChatSession:
         self.cache.reset()
 
     def render(self, add_generation_prompt=True) -> str:
-        from .chat import render_chat
-        t = self.tok
-        return render_chat(t.chat_template, self.messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=t.token_text(t.bos_id) if t.bos_id is not None else "",
-                           eos_token=t.token_text(t.eos_id) if t.eos_id is not None else "")
+        return self.tok.render_chat(self.messages, add_generation_prompt=add_generation_prompt)
 
     def send(self, text: str):
         """Add a user message; yield the assistant's reply in pieces."""

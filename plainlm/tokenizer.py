@@ -256,6 +256,17 @@ class Tokenizer:
         return hf
 
     @classmethod
+    def from_model(cls, model) -> "Tokenizer":
+        """The tokenizer a loaded model carries: GGUF metadata, or the HF directory it came from."""
+        meta = model.metadata
+        if "tokenizer.ggml.tokens" in meta:
+            return cls.from_gguf_metadata(meta)
+        if meta.get("plainlm.hf_dir"):
+            return cls.from_hf_dir(meta["plainlm.hf_dir"])
+        raise ValueError(f"{model.source or 'model'}: carries no tokenizer (no tokenizer.ggml.* metadata "
+                         f"and no tokenizer.json)")
+
+    @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load a Hugging Face checkpoint directory's tokenizer.json (+ tokenizer_config.json)."""
         path = os.fspath(path)
@@ -334,7 +345,9 @@ class Tokenizer:
                 for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def _with_bos(self, ids: list[int], add_special: bool) -> list[int]:
-        return [self.bos_id] + ids if add_special and self.add_bos and self.bos_id is not None else ids
+        # a text that already starts with the BOS token (a rendered chat template) gets no second one
+        want = add_special and self.add_bos and self.bos_id is not None
+        return [self.bos_id] + ids if want and ids[:1] != [self.bos_id] else ids
 
     def decode(self, ids, skip_special: bool = False) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD (as HF does)."""
