@@ -76,10 +76,14 @@ def write_gguf_file(path: str, metadata: dict, tensors: list) -> None:
         h = b"".join(head)
         f.write(h + b"\0" * (-len(h) % GGUF_ALIGN))
         for (name, _, _, nbytes, produce) in tensors:
-            data = np.ascontiguousarray(produce()).view(np.uint8).reshape(-1)
-            if data.size != nbytes:
-                raise ValueError(f"GGUF writer: tensor {name} produced {data.size} bytes, expected {nbytes}")
-            f.write(data.tobytes())
+            data = produce()                          # an array, or an iterator of array chunks
+            written = 0
+            for chunk in ([data] if isinstance(data, np.ndarray) else data):
+                chunk = np.ascontiguousarray(chunk).view(np.uint8).reshape(-1)
+                f.write(chunk.data)
+                written += chunk.size
+            if written != nbytes:
+                raise ValueError(f"GGUF writer: tensor {name} produced {written} bytes, expected {nbytes}")
             f.write(b"\0" * (-nbytes % GGUF_ALIGN))
     os.replace(tmp, path)
 
