@@ -45,7 +45,7 @@ def build(args):
     m = load_model(path, args.backend)
     tok = make_tokenizer(m)
     engine = Engine(m, tok, n_slots=args.slots, max_queue=args.queue, n_ctx=args.ctx,
-                    prefill_chunk=args.prefill_chunk).start()
+                    prefill_chunk=args.prefill_chunk, threads=args.threads).start()
     name = args.model_name or os.path.basename(str(path))
     stem = name[:-5] if name.endswith(".gguf") else name
     app = create_app(engine, stem, api_key=args.api_key, aliases=(name, "plainlm", "default"))

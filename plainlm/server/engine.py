@@ -79,10 +79,11 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, n_slots: int = 8, max_queue: int = 64, n_ctx: int = 4096,
-                 prefill_chunk: int = 128, forward_fn=None, metrics: Metrics | None = None):
+                 prefill_chunk: int = 128, forward_fn=None, metrics: Metrics | None = None,
+                 threads: int | None = None):
         if n_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("need n_slots >= 1, max_queue >= 0 and prefill_chunk >= 1")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.threads = model, tokenizer, threads
         if model is not None:
             n_ctx = min(n_ctx, model.config.context_length)
         self.n_slots, self.max_queue, self.n_ctx, self.prefill_chunk = n_slots, max_queue, n_ctx, prefill_chunk
@@ -145,6 +146,9 @@ class Engine:
         return forward(self.model, ids, pos, self.cache, slot, logits="per_slot")
 
     def _loop(self) -> None:
+        if self.model is not None:
+            from .. import kernels
+            kernels.set_threads(self.threads)   # numba's thread count is per calling thread: set it here
         while True:
             with self._cv:
                 while not self._closing and not self._waiting and not self._running:
