@@ -307,3 +307,22 @@ def test_engine_bounded_and_chunked_prefill():
     eng.close()
     assert sum(k == "done" for _, k in done) == 3
     assert max(seen) <= 8 + 2                      # a prompt chunk plus one token per decoding slot
+
+
+def test_queued_disconnect_frees_queue_place(monkeypatch):
+    import plainlm.server.app as app_mod
+    monkeypatch.setattr(app_mod, "KEEPALIVE_S", 0.2)            # pings find gone clients sooner
+    body = {"prompt": "hi", "max_tokens": 200, "stream": True}
+    with stub_server(slots=1, queue=1, n_ctx=512, delay=0.05) as (url, eng):
+        with httpx.Client(base_url=url, timeout=10) as a, httpx.Client(base_url=url, timeout=10) as c:
+            with a.stream("POST", "/v1/completions", json=body) as ra:
+                lines_a = ra.iter_lines()                           # (keep it: dropping it closes A)
+                next(lines_a)                                       # A runs
+                with httpx.Client(base_url=url, timeout=10) as b:
+                    with b.stream("POST", "/v1/completions", json=body) as rb:
+                        assert rb.status_code == 200                # B waits in the queue ...
+                        assert c.get("/health").json()["queue"] == 1
+                        assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 503
+                time.sleep(0.8)                                     # ... and leaves
+                with c.stream("POST", "/v1/completions", json=body) as rc:
+                    assert rc.status_code == 200                    # its place in the queue is free again

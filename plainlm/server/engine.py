@@ -122,6 +122,10 @@ class Engine:
         with self._cv:
             if self._closing:
                 raise Busy(5)
+            if any(w.cancelled for w in self._waiting):       # clients that left while queued
+                for w in [w for w in self._waiting if w.cancelled]:
+                    self._waiting.remove(w)
+                    self._finished(w, "cancelled", release=False)
             if len(self._waiting) + len(self._running) >= self.n_slots + self.max_queue:
                 self.metrics.inc("plainlm_requests_rejected_total")
                 raise Busy(self.retry_after())
