@@ -26,7 +26,7 @@ ap.add_argument("--layers", type=int, default=6)
 ap.add_argument("--vocab", type=int, default=4096)
 ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
 args = ap.parse_args()
-for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ[var] = str(args.threads)
 
 import numpy as np  # noqa: E402  (after the thread variables)

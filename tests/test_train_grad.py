@@ -258,3 +258,26 @@ def test_init_is_seeded():
     a, b, c = init_params(cfg, 5), init_params(cfg, 5), init_params(cfg, 6)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["blk.0.attn_q"], c["blk.0.attn_q"])
+
+
+def test_fused_kernels_match_numpy():
+    """float32 takes the numba path (plainlm/train/fused.py), float64 the numpy one: same results."""
+    from plainlm.train import fused
+    if not fused.AVAILABLE:
+        pytest.skip("numba not available")
+    rng = np.random.default_rng(0)
+    q, k, v = rng.normal(size=(2, 6, 4, 8)), rng.normal(size=(2, 6, 2, 8)), rng.normal(size=(2, 6, 2, 8))
+    do = rng.normal(size=(2, 6, 4, 8))
+    x, gn = rng.normal(size=(5, 16)), rng.normal(size=16)
+    ga, up, dh = rng.normal(size=(5, 12)), rng.normal(size=(5, 12)), rng.normal(size=(5, 12))
+    runs = {}
+    for dt in (np.float32, np.float64):
+        c = lambda a: np.ascontiguousarray(a, dt)  # noqa: E731
+        o, ca = L.attention_forward(c(q), c(k), c(v))
+        grads = L.attention_backward(c(do), ca)
+        y, cr = L.rmsnorm_forward(c(x), c(gn), 1e-5)
+        dx, dg = L.rmsnorm_backward(c(do.reshape(-1, 16)[:5]), cr)
+        h, cs = L.swiglu_forward(c(ga), c(up))
+        runs[dt] = [o, *grads, y, dx, dg, h, *L.swiglu_backward(c(dh), cs)]
+    for a, b in zip(runs[np.float32], runs[np.float64]):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-5)

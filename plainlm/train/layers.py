@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import fused
+
 
 # ------------------------------------------------------------------------------------------------
 # embedding, linear
@@ -55,6 +57,9 @@ def linear_backward(dy, cache):
 
 def rmsnorm_forward(x, g, eps):
     """x[N, D] * rsqrt(mean(x^2) + eps) * g[D]."""
+    if fused.usable(x, g):
+        y, xhat, rstd = fused.rmsnorm_fwd(x, g, eps)
+        return y, (xhat, rstd, g)
     rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)   # [N, 1]
     xhat = x * rstd
     return xhat * g, (xhat, rstd, g)
@@ -63,6 +68,8 @@ def rmsnorm_forward(x, g, eps):
 def rmsnorm_backward(dy, cache):
     """-> dx[N, D], dg[D]."""
     xhat, rstd, g = cache
+    if fused.usable(dy, xhat, g):
+        return fused.rmsnorm_bwd(dy, xhat, rstd, g)
     dg = np.einsum("nd,nd->d", dy, xhat)
     dxhat = dy * g
     # d/dx of x*rstd: rstd * (dxhat - xhat * mean(dxhat * xhat))
@@ -164,12 +171,15 @@ def attention_forward(q, k, v):
     kt = k.transpose(0, 2, 1, 3)                                  # [B, Hkv, T, Dh]
     vt = v.transpose(0, 2, 1, 3)
     s = qg @ kt.transpose(0, 1, 3, 2)                             # [B, Hkv, g*T, T]
-    s *= scale
-    s4 = s.reshape(B, Hkv, g, T, T)
-    s4 += _causal_mask(T, s.dtype)                                # -inf on future keys
-    s -= s.max(-1, keepdims=True)
-    np.exp(s, out=s)
-    s /= s.sum(-1, keepdims=True)
+    if fused.usable(s):                                           # one pass per row, masked half skipped
+        fused.causal_softmax_(s.reshape(-1, T), T, np.float32(scale))
+    else:
+        s *= scale
+        s4 = s.reshape(B, Hkv, g, T, T)
+        s4 += _causal_mask(T, s.dtype)                            # -inf on future keys
+        s -= s.max(-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(-1, keepdims=True)
     p = s                                                         # [B, Hkv, g*T, T]
     og = p @ vt                                                   # [B, Hkv, g*T, Dh]
     o = og.reshape(B, Hkv, g, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
@@ -184,9 +194,12 @@ def attention_backward(do, cache):
     dv = p.transpose(0, 1, 3, 2) @ dog                            # [B, Hkv, T, Dh] (sums over g)
     dp = dog @ vt.transpose(0, 1, 3, 2)                           # [B, Hkv, g*T, T]
     # softmax backward: ds = p * (dp - sum(dp * p)); masked entries have p = 0
-    dp -= np.einsum("bhij,bhij->bhi", dp, p)[..., None]
-    dp *= p
-    dp *= scale
+    if fused.usable(dp, p):
+        fused.causal_softmax_bwd_(dp.reshape(-1, T), p.reshape(-1, T), T, np.float32(scale))
+    else:
+        dp -= np.einsum("bhij,bhij->bhi", dp, p)[..., None]
+        dp *= p
+        dp *= scale
     dqg = dp @ kt                                                 # [B, Hkv, g*T, Dh]
     dk = dp.transpose(0, 1, 3, 2) @ qg                            # [B, Hkv, T, Dh]
     dq = dqg.reshape(B, Hkv, g, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
@@ -199,12 +212,16 @@ def attention_backward(do, cache):
 
 def swiglu_forward(gate, up):
     """silu(gate) * up, [N, F] each (Llama FFN)."""
+    if fused.usable(gate, up):
+        return fused.swiglu_fwd(gate, up), (gate, up, None)
     sig = 1.0 / (1.0 + np.exp(-gate))
     return gate * sig * up, (gate, up, sig)
 
 
 def swiglu_backward(dh, cache):
     gate, up, sig = cache
+    if sig is None:
+        return fused.swiglu_bwd(dh, gate, up)
     silu = gate * sig
     dgate = dh * up * (sig * (1.0 + gate * (1.0 - sig)))
     dup = dh * silu
