@@ -250,3 +250,9 @@ def test_every_architecture_learns(tmp_path, model):
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows]
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_time_limit_stops_with_checkpoint_and_eval(tmp_path):
+    res = train(_cfg(tmp_path, steps=50, max_minutes=1e-9), progress=False, log=lambda s: None)
+    assert res["stopped"] == "time" and res["step"] == 1 and res["best_val"] == res["val_loss"]
+    assert load_checkpoint(tmp_path / "out" / "ckpt.npz")[0]["step"] == 1

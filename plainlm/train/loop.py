@@ -390,7 +390,9 @@ def train(tc: TrainConfig, fresh: bool = False, progress: bool | None = None, lo
                 log(f"step {step}/{tc.steps} loss {loss:.4f} lr {lr:.2e} {tok_s:.0f} tok/s")
         if bar is not None:
             bar.update(1)
-        evaluate_now = tc.eval_every and windows is not None and (step % tc.eval_every == 0 or step == tc.steps)
+        out_of_time = bool(tc.max_minutes) and time.time() - t_start > 60 * tc.max_minutes
+        evaluate_now = tc.eval_every and windows is not None and (step % tc.eval_every == 0 or step == tc.steps
+                                                                  or out_of_time)
         if evaluate_now:
             last_val = evaluate(cfg, params, windows, B)
             metrics.add({"step": step, "val_loss": round(last_val, 5)})
@@ -409,11 +411,8 @@ def train(tc: TrainConfig, fresh: bool = False, progress: bool | None = None, lo
                 stopped = "early_stop"
                 (bar.write if bar is not None else log)(
                     f"early stop: no val improvement in {tc.patience} evaluations (best {best_val:.4f})")
-        if tc.max_minutes and time.time() - t_start > 60 * tc.max_minutes and stopped == "steps":
+        if out_of_time and stopped == "steps":
             stopped = "time"
-            if tc.eval_every and windows is not None and not evaluate_now:
-                last_val = evaluate(cfg, params, windows, B)
-                metrics.add({"step": step, "val_loss": round(last_val, 5)})
             (bar.write if bar is not None else log)(f"time limit of {tc.max_minutes} minutes reached at step {step}")
         if step % tc.ckpt_every == 0 or step == tc.steps or stopped != "steps":
             save_checkpoint(ckpt, params, opt, meta_now())
