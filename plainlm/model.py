@@ -67,17 +67,19 @@ def attention_block(m: Model, i: int, x, pos, slot, cache: KVCache):
     q = K.matmul(W[p + "attn_q"], x).reshape(T, cfg.n_heads, cfg.head_dim)      # [T, H, Dh]
     k = K.matmul(W[p + "attn_k"], x).reshape(T, cfg.n_kv_heads, cfg.head_dim)   # [T, Hkv, Dh]
     v = K.matmul(W[p + "attn_v"], x).reshape(T, cfg.n_kv_heads, cfg.head_dim)   # [T, Hkv, Dh]
+    cache.keep_sinks(i, slot, pos, k)                  # un-rotated keys (a windowed cache's sinks)
     q = K.rope(q, pos, cfg.rope_theta, cfg.rotary_dim)
     k = K.rope(k, pos, cfg.rope_theta, cfg.rotary_dim)
-    cache.k[i, slot, :, pos] = k                       # [T, Hkv, Dh] into rows (slot[t], :, pos[t])
-    cache.v[i, slot, :, pos] = v
+    rows = cache.rows(pos)                             # the cache row of each position (= pos unless windowed)
+    cache.k[i, slot, :, rows] = k                      # [T, Hkv, Dh] into rows (slot[t], :, rows[t])
+    cache.v[i, slot, :, rows] = v
     o = np.empty((T, cfg.n_heads, cfg.head_dim), np.float32)                    # [T, H, Dh]
     for s in np.unique(slot):                          # one attention call per sequence
         t = np.nonzero(slot == s)[0]
-        n = int(pos[t].max()) + 1                      # this sequence's cache rows in use
-        o[t] = K.attention(q[t], cache.k[i, s, :, :n], cache.v[i, s, :, :n], pos[t])
+        ks, vs, qpos = cache.attend(i, s, pos[t])      # this sequence's rows in use [Hkv, n, Dh]
+        o[t] = K.attention(q[t], ks, vs, qpos)
         if m.hook is not None:                         # attention weights [T', H, n], for traces
-            m.hook("attn_probs", i, kernels.ref.attention_probs(q[t], cache.k[i, s, :, :n], pos[t]))
+            m.hook("attn_probs", i, kernels.ref.attention_probs(q[t], ks, qpos))
     o = o.reshape(T, cfg.n_heads * cfg.head_dim)
     if cfg.arch == "bitnet":                           # BitNet normalizes heads before o_proj
         o = K.rmsnorm(o, m.norms[p + "attn_sub_norm"], cfg.norm_eps)
@@ -114,6 +116,13 @@ def forward(m: Model, ids, pos, cache: KVCache, slot=0, logits: str = "last") ->
         raise ValueError(f"position {int(pos.max())} is outside the context (0..{cache.n_ctx - 1})")
     if np.any((ids < 0) | (ids >= cfg.vocab_size)):
         raise ValueError(f"token id outside the vocabulary (0..{cfg.vocab_size - 1})")
+
+    fused = getattr(K, "decode_step", None)            # one compiled call for the whole model (fast backend)
+    if fused is not None and m.hook is None and len(np.unique(slot)) == T:
+        out = fused(m, ids, pos, slot, cache)           # one token per slot: the same math as below
+        if out is not None:
+            np.maximum.at(cache.length, slot, pos + 1)
+            return out[-1] if logits == "last" else out
 
     x = K.embed(W["token_embd"], ids)                  # [T, D]
     hook = m.hook or (lambda stage, layer, a: None)

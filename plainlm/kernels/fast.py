@@ -25,8 +25,9 @@ import math
 import warnings
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from llvmlite import ir
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic, overload
 
 from . import ref
 from . import _simd
@@ -203,22 +204,56 @@ def _min_term(w, o, kind, d):
     return np.float32(0.0)
 
 
+@njit(inline="always")
+def _row_dot(w, r, kind, xq, dx, sx, t):
+    """Row r of the weight (ggml blocks) dotted with token t's quantized activations."""
+    rb = w.shape[1]
+    nb = dx.shape[1]
+    xo = t * xq.shape[1]
+    bs, qo = _layout(kind)
+    acc = vzero()
+    s = np.float32(0.0)
+    for b in range(nb):
+        o = r * rb + b * bs
+        d = f16_at(w, o)
+        u, wv = _load_block(w, o + qo, kind)
+        acc = fma_i(acc, _dot(u, wv, kind, xq, xo + b * 64), d * dx[t, b])
+        s += _min_term(w, o, kind, d) * sx[t, b]
+    return hsum(acc) + s
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def _matvec_q(w, kind, xq, dx, sx, y):
-    """y[0, r] = sum_b W[r, block b] . x[0, block b] for one token; rows spread over threads."""
-    N, rb = w.shape
-    nb = dx.shape[1]
-    bs, qo = _layout(kind)
-    for r in prange(N):
-        acc = vzero()
-        s = np.float32(0.0)
-        for b in range(nb):
-            o = r * rb + b * bs
-            d = f16_at(w, o)
-            u, wv = _load_block(w, o + qo, kind)
-            acc = fma_i(acc, _dot(u, wv, kind, xq, b * 64), d * dx[0, b])
-            s += _min_term(w, o, kind, d) * sx[0, b]
-        y[0, r] = hsum(acc) + s
+    """y[t, r] for a few tokens (decode): rows spread over threads, each row read once."""
+    for r in prange(w.shape[0]):
+        for t in range(y.shape[0]):
+            y[t, r] = _row_dot(w, r, kind, xq, dx, sx, t)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _matvec_q2(w0, k0, w1, k1, xq, dx, sx, y0, y1):
+    """Two products of the same input in one parallel region (gate, up)."""
+    n0 = w0.shape[0]
+    for r in prange(n0 + w1.shape[0]):
+        for t in range(y0.shape[0]):
+            if r < n0:
+                y0[t, r] = _row_dot(w0, r, k0, xq, dx, sx, t)
+            else:
+                y1[t, r - n0] = _row_dot(w1, r - n0, k1, xq, dx, sx, t)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _matvec_q3(w0, k0, w1, k1, w2, k2, xq, dx, sx, y0, y1, y2):
+    """Three products of the same input in one parallel region (q, k, v; gate, up)."""
+    n0, n1 = w0.shape[0], w1.shape[0]
+    for r in prange(n0 + n1 + w2.shape[0]):
+        for t in range(y0.shape[0]):
+            if r < n0:
+                y0[t, r] = _row_dot(w0, r, k0, xq, dx, sx, t)
+            elif r < n0 + n1:
+                y1[t, r - n0] = _row_dot(w1, r - n0, k1, xq, dx, sx, t)
+            else:
+                y2[t, r - n0 - n1] = _row_dot(w2, r - n0 - n1, k2, xq, dx, sx, t)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -304,9 +339,9 @@ def matmul(w, x: np.ndarray) -> np.ndarray:
         y = np.empty((T, n), np.float32)
         _matmul_f(w.data, x, y)
         return y
-    if T == 1:
+    if T <= 2:
         xq, dx, sx = quantize_act(x)
-        y = np.empty((1, n), np.float32)
+        y = np.empty((T, n), np.float32)
         _matvec_q(w.data, w.kind, xq, dx, sx, y)
         return y
     xq, dx, sx = quantize_act(x, pad_to=4)
@@ -419,49 +454,256 @@ def relu2_glu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 # attention over one sequence's cache
 # ------------------------------------------------------------------------------------------------
 
-@njit(parallel=True, cache=True, fastmath=True)
-def _attention(q, k, v, pos, start, out):
-    """q[T, H, Dh]; k, v [Hkv, S, Dh]; out[T, H, Dh]. One (token, head) per task; online softmax
-    is not needed at these sizes: scores of one row are kept in a scratch vector."""
-    T, H, Dh = q.shape
-    Hkv, S, _ = k.shape
-    g = H // Hkv
+@njit(inline="always")
+def _attend_one(qh, kk, vv, n, sc, oh):
+    """One query head over the first n rows of its kv head: qh[Dh], kk/vv [S, Dh], scratch sc[>= n],
+    out oh[Dh]. Scores, softmax, weighted sum of values."""
+    Dh = qh.shape[0]
     scale = np.float32(1.0 / math.sqrt(Dh))
-    for th in prange(T * H):
-        t = th // H
-        h = th % H
-        kh = h // g
-        n = min(S, max(0, pos[t] - start + 1))         # cache rows this query may see
-        sc = np.empty(n, np.float32)
-        mx = np.float32(-np.inf)
-        for j in range(n):
-            s = np.float32(0.0)
-            for i in range(Dh):
-                s += q[t, h, i] * k[kh, j, i]
-            s *= scale
-            sc[j] = s
-            mx = max(mx, s)
-        tot = np.float32(0.0)
-        for j in range(n):
-            e = np.exp(sc[j] - mx)
-            sc[j] = e
-            tot += e
+    mx = np.float32(-np.inf)
+    for j in range(n):
+        s = np.float32(0.0)
         for i in range(Dh):
-            out[t, h, i] = 0.0
-        inv = np.float32(1.0) / tot if tot > 0 else np.float32(0.0)
-        for j in range(n):
-            p = sc[j] * inv
-            for i in range(Dh):
-                out[t, h, i] += p * v[kh, j, i]
+            s += qh[i] * kk[j, i]
+        s *= scale
+        sc[j] = s
+        mx = max(mx, s)
+    tot = np.float32(0.0)
+    for j in range(n):
+        e = np.exp(sc[j] - mx)
+        sc[j] = e
+        tot += e
+    for i in range(Dh):
+        oh[i] = 0.0
+    inv = np.float32(1.0) / tot if tot > 0 else np.float32(0.0)
+    for j in range(n):
+        p = sc[j] * inv
+        for i in range(Dh):
+            oh[i] += p * vv[j, i]
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _attention_par(q, k, v, nvis, out):
+    """q[T, H, Dh]; k, v [Hkv, S, Dh] (C-contiguous); token t sees rows 0..nvis[t]-1."""
+    T, H, Dh = q.shape
+    g = H // k.shape[0]
+    for th in prange(T * H):
+        t, h = th // H, th % H
+        sc = np.empty(max(1, nvis[t]), np.float32)
+        _attend_one(q[t, h], k[h // g], v[h // g], nvis[t], sc, out[t, h])
+
+
+@njit(cache=True, fastmath=True)
+def _attention_ser(q, k, v, nvis, out):
+    T, H, Dh = q.shape
+    g = H // k.shape[0]
+    sc = np.empty(max(1, k.shape[1]), np.float32)
+    for t in range(T):
+        for h in range(H):
+            _attend_one(q[t, h], k[h // g], v[h // g], nvis[t], sc, out[t, h])
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """[Hkv, n, Dh] view of a cache -> a C-contiguous array over the same memory.
+
+    The model passes cache.k[i, s, :, :n], whose head stride is the full cache length: a
+    non-contiguous view that numba would index with generic strides. Viewed as [Hkv, S_full, Dh]
+    the memory is C-contiguous; kernels only read its first n rows per head."""
+    if a.flags.c_contiguous:
+        return a
+    hs, rs, es = a.strides
+    if a.dtype == np.float32 and es == 4 and rs == 4 * a.shape[2] and hs % rs == 0 and hs >= rs * a.shape[1]:
+        return np.lib.stride_tricks.as_strided(a, (a.shape[0], hs // rs, a.shape[2]), a.strides, writeable=False)
+    return np.ascontiguousarray(a, np.float32)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, start: int = 0) -> np.ndarray:
     """Causal grouped-query attention of T queries over one sequence's cache (see ref.attention).
     q[T, H, Dh]; k, v [Hkv, S, Dh] -> [T, H, Dh]."""
     q = np.ascontiguousarray(q, np.float32)
+    S = k.shape[1]
+    nvis = np.clip(np.asarray(pos, np.int64) - start + 1, 0, S)     # rows each query sees
     out = np.empty_like(q)
-    _attention(q, k, v, np.ascontiguousarray(pos, np.int64), int(start), out)
+    if q.shape[0] * q.shape[1] * S < 32768:                        # small: a thread launch costs more
+        _attention_ser(q, _as_rows(k), _as_rows(v), nvis, out)
+    else:
+        _attention_par(q, _as_rows(k), _as_rows(v), nvis, out)
     return out
 
 
 attention_probs = ref.attention_probs
+
+
+# ------------------------------------------------------------------------------------------------
+# fused single-token decode: the whole layer loop in one compiled call
+# ------------------------------------------------------------------------------------------------
+# model.forward stays the definition; this is the same math for one token per slot, without ~400
+# Python-level kernel calls per token (and with q/k/v and gate/up each in one parallel region).
+# tests/test_fast_model.py checks it against the per-op path.
+
+_NW = 7                                   # weights per layer, in this order:
+_LAYER_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@intrinsic
+def _u8ptr(typingctx, addr):
+    def codegen(ctx, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+    return types.CPointer(types.uint8)(types.int64), codegen
+
+
+@njit(inline="always")
+def _wt(wtab, j):
+    """Weight j of the table as (uint8 [rows, row_bytes] array, kind); the table's rows are
+    (address, rows, row bytes, kind) of arrays that the plan keeps alive."""
+    return carray(_u8ptr(wtab[j, 0]), (wtab[j, 1], wtab[j, 2])), wtab[j, 3]
+
+
+@njit(cache=True, fastmath=True)
+def _dequant_row(w, kind, r, out):
+    """out[K] = row r of a Q4_0/Q4_1/Q8_0 weight, decoded (the embedding lookup)."""
+    bs, qo = _layout(kind)
+    for b in range(out.shape[0] // 32):
+        o = b * bs
+        d = f16_at(w[r], o)
+        m = _min_term(w[r], o, kind, d)
+        for i in range(32):
+            if kind == Q8_0_K:
+                q = np.float32(np.int8(w[r, o + qo + i]))
+            else:
+                byte = w[r, o + qo + (i % 16)]
+                q = np.float32(byte & 15) if i < 16 else np.float32(byte >> 4)
+            out[b * 32 + i] = q * d + m
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _attention_heads_par(q, kc, vc, l, s, n, out, t):
+    H = q.shape[1]
+    g = H // kc.shape[2]
+    for h in prange(H):
+        sc = np.empty(max(1, n), np.float32)
+        _attend_one(q[t, h], kc[l, s, h // g], vc[l, s, h // g], n, sc, out[t, h])
+
+
+@njit(cache=True, fastmath=True)
+def _decode(ids, pos, slot, rows, nvis, sink_to, wtab, norms, onorm, kc, vc, ksink,
+            theta, rot, eps, logits):
+    """One token per slot through the whole model. ids/pos/slot/rows/nvis/sink_to [T]; wtab the
+    weight table (7 per layer, then token_embd, output); norms [L, 2, D]; kc, vc the cache
+    [L, B, Hkv, S, Dh]; ksink [L, B, ns, Hkv, Dh] un-rotated keys of the attention sinks (ns = 0
+    without a window); logits [T, V] out."""
+    T = ids.shape[0]
+    L, _, D = norms.shape
+    Hkv, Dh = kc.shape[2], kc.shape[4]
+    H = wtab[0, 1] // Dh
+    F = wtab[4, 1]
+    ns = ksink.shape[2]
+    x = np.empty((T, D), np.float32)
+    h = np.empty((T, D), np.float32)
+    q = np.empty((T, H, Dh), np.float32)
+    qr = np.empty((T, H, Dh), np.float32)
+    k = np.empty((T, Hkv, Dh), np.float32)
+    kr = np.empty((T, Hkv, Dh), np.float32)
+    v = np.empty((T, Hkv, Dh), np.float32)
+    att = np.empty((T, H, Dh), np.float32)
+    y = np.empty((T, D), np.float32)
+    g = np.empty((T, F), np.float32)
+    u = np.empty((T, F), np.float32)
+    a = np.empty((T, F), np.float32)
+    # quantized activations (C-contiguous: the kernels address xq rows by pointer arithmetic)
+    xqD, dxD, sxD = np.empty((T, 2 * D), np.int8), np.empty((T, D // 32), np.float32), np.empty((T, D // 32), np.float32)
+    xqA, dxA, sxA = np.empty((T, 2 * H * Dh), np.int8), np.empty((T, H * Dh // 32), np.float32), np.empty((T, H * Dh // 32), np.float32)
+    xqF, dxF, sxF = np.empty((T, 2 * F), np.int8), np.empty((T, F // 32), np.float32), np.empty((T, F // 32), np.float32)
+    sc = np.empty(kc.shape[3], np.float32)
+    sink = np.empty((1, Hkv, Dh), np.float32)
+    sinkr = np.empty((1, Hkv, Dh), np.float32)
+    spos = np.empty(1, np.int64)
+
+    emb, ek = _wt(wtab, L * _NW)
+    for t in range(T):
+        _dequant_row(emb, ek, ids[t], x[t])
+    for l in range(L):
+        # ---- attention: x = x + attn(norm(x))
+        _rmsnorm(x, norms[l, 0], eps, h)
+        _quantize_act(h, xqD, dxD, sxD)
+        wq, kq = _wt(wtab, l * _NW + 0)
+        wk, kk = _wt(wtab, l * _NW + 1)
+        wv, kv = _wt(wtab, l * _NW + 2)
+        _matvec_q3(wq, kq, wk, kk, wv, kv, xqD, dxD, sxD,
+                   q.reshape(T, H * Dh), k.reshape(T, Hkv * Dh), v.reshape(T, Hkv * Dh))
+        _rope(q, pos, theta, rot, qr)
+        _rope(k, pos, theta, rot, kr)
+        for t in range(T):
+            s = slot[t]
+            if pos[t] < ns:                                  # an attention sink: keep it un-rotated
+                ksink[l, s, pos[t]] = k[t]
+            for j in range(Hkv):
+                kc[l, s, j, rows[t]] = kr[t, j]
+                vc[l, s, j, rows[t]] = v[t, j]
+            if sink_to[t] >= 0:                              # window: sinks sit just before it
+                for j in range(ns):
+                    sink[0] = ksink[l, s, j]
+                    spos[0] = sink_to[t] + j
+                    _rope(sink, spos, theta, rot, sinkr)
+                    for hh in range(Hkv):
+                        kc[l, s, hh, j] = sinkr[0, hh]
+            if nvis[t] * H >= 2048:
+                _attention_heads_par(qr, kc, vc, l, s, nvis[t], att, t)
+            else:
+                gq = H // Hkv
+                for hh in range(H):
+                    _attend_one(qr[t, hh], kc[l, s, hh // gq], vc[l, s, hh // gq], nvis[t], sc, att[t, hh])
+        _quantize_act(att.reshape(T, H * Dh), xqA, dxA, sxA)
+        wo, ko = _wt(wtab, l * _NW + 3)
+        _matvec_q(wo, ko, xqA, dxA, sxA, y)
+        x += y
+        # ---- feed-forward: x = x + mlp(norm(x))
+        _rmsnorm(x, norms[l, 1], eps, h)
+        _quantize_act(h, xqD, dxD, sxD)
+        wg, kg = _wt(wtab, l * _NW + 4)
+        wu, ku = _wt(wtab, l * _NW + 5)
+        _matvec_q2(wg, kg, wu, ku, xqD, dxD, sxD, g, u)
+        _swiglu(g, u, a)
+        _quantize_act(a, xqF, dxF, sxF)
+        wd, kd = _wt(wtab, l * _NW + 6)
+        _matvec_q(wd, kd, xqF, dxF, sxF, y)
+        x += y
+    _rmsnorm(x, onorm, eps, h)
+    _quantize_act(h, xqD, dxD, sxD)
+    wh, kh = _wt(wtab, L * _NW + 1)
+    _matvec_q(wh, kh, xqD, dxD, sxD, logits)
+
+
+class _Plan:
+    """What the fused decode needs from a model: the weight table and stacked norm gains."""
+    def __init__(self, m):
+        cfg = m.config
+        names = [f"blk.{i}.{n}" for i in range(cfg.n_layers) for n in _LAYER_WEIGHTS] + ["token_embd", "output"]
+        ws = [m.weights[n] for n in names]
+        self.ok = (cfg.arch == "llama" and cfg.act == "silu"
+                   and all(isinstance(w, Packed) and w.kind <= Q8_0_K for w in ws))
+        if not self.ok:
+            return
+        self.arrays = [w.data for w in ws]                         # keeps the addresses valid
+        self.wtab = np.array([[a.ctypes.data, a.shape[0], a.shape[1], w.kind] for a, w in zip(self.arrays, ws)],
+                             np.int64)
+        self.norms = np.stack([np.stack([m.norms[f"blk.{i}.attn_norm"], m.norms[f"blk.{i}.ffn_norm"]])
+                               for i in range(cfg.n_layers)]).astype(np.float32)
+        self.onorm = np.ascontiguousarray(m.norms["output_norm"], np.float32)
+
+
+def decode_step(m, ids, pos, slot, cache):
+    """Logits [T, V] for one token per slot (ids, pos, slot [T], slots distinct), writing their
+    keys/values into the cache: the fused twin of model.forward. None when this model or cache is
+    not one the fused path handles (the caller then runs the per-op path)."""
+    plan = m.__dict__.get("_fast_plan")
+    if plan is None:
+        plan = m.__dict__["_fast_plan"] = _Plan(m)
+    if not plan.ok or cache.k.dtype != np.float32 or not cache.k.flags.c_contiguous:
+        return None
+    rows, nvis, sink_to = cache.plan(pos, slot)
+    logits = np.empty((len(ids), m.config.vocab_size), np.float32)
+    cfg = m.config
+    _decode(ids, pos, slot, rows, nvis, sink_to, plan.wtab, plan.norms, plan.onorm, cache.k, cache.v,
+            cache.k_sink, float(cfg.rope_theta), int(cfg.rotary_dim), np.float32(cfg.norm_eps), logits)
+    return logits
