@@ -135,17 +135,13 @@ async def load(url, clients, tokens, model, usage_opt, timeout):
             "failed": len(errs), "errors": sorted(set(errs))[:3]}
 
 
-def run_load(server, clients_list, tokens, model, usage_opt, timeout):
-    out = {}
-    asyncio.run(load(server.url, 1, 4, model, usage_opt, timeout))                  # warm-up (JIT, caches)
-    for c in clients_list:
-        r = asyncio.run(load(server.url, c, tokens, model, usage_opt, timeout))
-        r["server_rss_mb"] = round(rss_mb(server.proc.pid), 1)
-        print(f"# {server.name:9s} c={c:3d}: {r['tok_s']:8.1f} tok/s  ttft p50 {r['ttft_p50_s']}s "
-              f"p99 {r['ttft_p99_s']}s  failed {r['failed']}  ({r['tokens']} tokens in {r['wall_s']}s)",
-              file=sys.stderr)
-        out[str(c)] = r
-    return out
+def run_level(server, c, tokens, model, usage_opt, timeout):
+    r = asyncio.run(load(server.url, c, tokens, model, usage_opt, timeout))
+    r["server_rss_mb"] = round(rss_mb(server.proc.pid), 1)
+    print(f"# {server.name:9s} c={c:3d}: {r['tok_s']:8.1f} tok/s  ttft p50 {r['ttft_p50_s']}s "
+          f"p99 {r['ttft_p99_s']}s  failed {r['failed']}  ({r['tokens']} tokens in {r['wall_s']}s)",
+          file=sys.stderr)
+    return r
 
 
 async def flood(url, n, tokens, timeout, server_pid):
@@ -244,21 +240,18 @@ def main(argv=None) -> int:
     res = {"bench": "serve", "model": os.path.basename(model), "threads": args.threads, "tokens": args.tokens,
            "cpu": cpu_name(), "plainlm": {}, "llama_cpp": None}
 
-    # ---- plainlm ------------------------------------------------------------------------------
+    # ---- both servers up at once; each load level runs on ours, then on theirs ----------------
+    # (an idle server costs no CPU; alternating keeps the two sides' conditions alike on a shared box)
+    servers = []
     port = free_port()
-    ours = Server("plainlm", [py, "-m", "plainlm", "serve", "--model", model, "--threads", str(args.threads),
-                              "--slots", str(args.slots), "--queue", str(max(256, max(clients))),
-                              "--ctx", str(args.ctx), "--port", str(port)], port)
+    servers.append(("plainlm", Server("plainlm", [
+        py, "-m", "plainlm", "serve", "--model", model, "--threads", str(args.threads), "--slots", str(args.slots),
+        "--queue", str(max(256, max(clients))), "--ctx", str(args.ctx), "--port", str(port)], port),
+        "/health", "plainlm", True))
     try:
-        ours.wait("/health")
-        res["plainlm"] = run_load(ours, clients, args.tokens, "plainlm", True, args.timeout)
-    finally:
-        ours.stop()
-
-    # ---- llama-cpp-python ------------------------------------------------------------------------
-    try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp
         import llama_cpp.server  # noqa: F401
+        res["llama_cpp_version"] = llama_cpp.__version__
         have_llama = True
     except ImportError as e:
         have_llama = False
@@ -266,16 +259,23 @@ def main(argv=None) -> int:
         print(f"# {res['llama_cpp_note']}", file=sys.stderr)
     if have_llama and not args.no_llama:
         port = free_port()
-        theirs = Server("llama_cpp", [py, "-m", "llama_cpp.server", "--model", model, "--n_threads",
-                                      str(args.threads), "--n_threads_batch", str(args.threads),
-                                      "--n_ctx", str(args.ctx), "--host", "127.0.0.1", "--port", str(port),
-                                      "--interrupt_requests", "False", "--verbose", "False"], port)
-        try:
-            theirs.wait("/v1/models")
-            res["llama_cpp"] = run_load(theirs, clients, args.tokens, os.path.basename(model), False, args.timeout)
-            res["llama_cpp_version"] = llama_cpp.__version__
-        finally:
-            theirs.stop()
+        servers.append(("llama_cpp", Server("llama_cpp", [
+            py, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(args.threads),
+            "--n_threads_batch", str(args.threads), "--n_ctx", str(args.ctx), "--host", "127.0.0.1",
+            "--port", str(port), "--interrupt_requests", "False", "--verbose", "False"], port),
+            "/v1/models", os.path.basename(model), False))
+    try:
+        for key, srv, ready, name, usage_opt in servers:
+            srv.wait(ready)
+            asyncio.run(load(srv.url, 1, 4, name, usage_opt, args.timeout))      # warm-up (JIT, caches)
+            res[key] = {}
+        for c in clients:
+            for key, srv, ready, name, usage_opt in servers:
+                res[key][str(c)] = run_level(srv, c, args.tokens, name, usage_opt, args.timeout)
+    finally:
+        for _, srv, *_ in servers:
+            srv.stop()
+    if res.get("llama_cpp"):
         res["ratio"] = {c: round(res["plainlm"][c]["tok_s"] / res["llama_cpp"][c]["tok_s"], 3)
                         for c in res["plainlm"] if res["llama_cpp"].get(c, {}).get("tok_s")}
 
