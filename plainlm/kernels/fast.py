@@ -389,14 +389,13 @@ def rmsnorm(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
 
 
 @njit(cache=True, fastmath=True)
-def _rope(x, pos, theta, rot, out):
+def _rope(x, pos, inv, out):
+    """out = x rotated; inv[rot/2] the inverse frequencies (as the reference computes them)."""
     T, H, Dh = x.shape
-    h2 = rot // 2
+    h2 = inv.shape[0]
     for t in range(T):
         for i in range(h2):
-            # angle in float32 exactly as the reference: pos * theta^(-2i/rot)
-            inv = np.float32(1.0 / (theta ** (np.float32(2 * i) / np.float32(rot))))
-            ang = np.float32(pos[t]) * inv
+            ang = np.float32(pos[t]) * inv[i]
             c = np.float32(np.cos(ang))
             s = np.float32(np.sin(ang))
             for h in range(H):
@@ -405,15 +404,26 @@ def _rope(x, pos, theta, rot, out):
                 out[t, h, i] = x1 * c - x2 * s
                 out[t, h, i + h2] = x2 * c + x1 * s
         for h in range(H):
-            for i in range(rot, Dh):
+            for i in range(2 * h2, Dh):
                 out[t, h, i] = x[t, h, i]
+
+
+_INV = {}
+
+
+def inv_freq(theta: float, rot: int) -> np.ndarray:
+    """theta^(-2i/rot), i < rot/2, float32, computed exactly as ref.rope_tables does."""
+    key = (float(theta), int(rot))
+    if key not in _INV:
+        _INV[key] = (1.0 / (theta ** (np.arange(0, rot, 2, dtype=np.float32) / rot))).astype(np.float32)
+    return _INV[key]
 
 
 def rope(x: np.ndarray, pos: np.ndarray, theta: float, rot: int) -> np.ndarray:
     """Rotate pairs (x[i], x[i + rot/2]) of each head by pos*theta_i (NEOX). x[T, H, Dh]."""
     x = np.ascontiguousarray(x, np.float32)
     out = np.empty_like(x)
-    _rope(x, np.ascontiguousarray(pos, np.int64), float(theta), int(rot), out)
+    _rope(x, np.ascontiguousarray(pos, np.int64), inv_freq(theta, rot), out)
     return out
 
 
@@ -586,12 +596,11 @@ def _attention_heads_par(q, kc, vc, l, s, n, out, t):
 
 
 @njit(cache=True, fastmath=True)
-def _decode(ids, pos, slot, rows, nvis, sink_to, wtab, norms, onorm, kc, vc, ksink,
-            theta, rot, eps, logits):
+def _decode(ids, pos, slot, rows, nvis, sink_to, wtab, norms, onorm, kc, vc, ksink, inv, eps, logits):
     """One token per slot through the whole model. ids/pos/slot/rows/nvis/sink_to [T]; wtab the
     weight table (7 per layer, then token_embd, output); norms [L, 2, D]; kc, vc the cache
     [L, B, Hkv, S, Dh]; ksink [L, B, ns, Hkv, Dh] un-rotated keys of the attention sinks (ns = 0
-    without a window); logits [T, V] out."""
+    without a window); inv the RoPE inverse frequencies; logits [T, V] out."""
     T = ids.shape[0]
     L, _, D = norms.shape
     Hkv, Dh = kc.shape[2], kc.shape[4]
@@ -631,8 +640,8 @@ def _decode(ids, pos, slot, rows, nvis, sink_to, wtab, norms, onorm, kc, vc, ksi
         wv, kv = _wt(wtab, l * _NW + 2)
         _matvec_q3(wq, kq, wk, kk, wv, kv, xqD, dxD, sxD,
                    q.reshape(T, H * Dh), k.reshape(T, Hkv * Dh), v.reshape(T, Hkv * Dh))
-        _rope(q, pos, theta, rot, qr)
-        _rope(k, pos, theta, rot, kr)
+        _rope(q, pos, inv, qr)
+        _rope(k, pos, inv, kr)
         for t in range(T):
             s = slot[t]
             if pos[t] < ns:                                  # an attention sink: keep it un-rotated
@@ -644,7 +653,7 @@ def _decode(ids, pos, slot, rows, nvis, sink_to, wtab, norms, onorm, kc, vc, ksi
                 for j in range(ns):
                     sink[0] = ksink[l, s, j]
                     spos[0] = sink_to[t] + j
-                    _rope(sink, spos, theta, rot, sinkr)
+                    _rope(sink, spos, inv, sinkr)
                     for hh in range(Hkv):
                         kc[l, s, hh, j] = sinkr[0, hh]
             if nvis[t] * H >= 2048:
@@ -705,5 +714,5 @@ def decode_step(m, ids, pos, slot, cache):
     logits = np.empty((len(ids), m.config.vocab_size), np.float32)
     cfg = m.config
     _decode(ids, pos, slot, rows, nvis, sink_to, plan.wtab, plan.norms, plan.onorm, cache.k, cache.v,
-            cache.k_sink, float(cfg.rope_theta), int(cfg.rotary_dim), np.float32(cfg.norm_eps), logits)
+            cache.k_sink, inv_freq(cfg.rope_theta, cfg.rotary_dim), np.float32(cfg.norm_eps), logits)
     return logits
