@@ -177,6 +177,18 @@ def _qmatmul(xq, xs, xsum, xr, wq, wd, wm, we, out):
                 out[t, n] = tot << (-sh)
 
 
+def qmatmul_numpy(xq, xs, xsum, xr, wq, wd, wm, we) -> np.ndarray:
+    """numpy twin of _qmatmul (same integers, any summation order gives the same exact result)."""
+    T, K = xq.shape
+    N, nb = wq.shape[0], K // QK
+    x = xq.astype(np.int64).reshape(T, nb, QK)
+    w = wq.astype(np.int64).reshape(N, nb, QK)
+    dots = np.einsum("tbj,nbj->tnb", x, w)                                   # exact int64
+    blk = wd[None].astype(np.int64) * dots + wm[None].astype(np.int64) * xsum[:, None, :]
+    tot = (xs[:, None, :].astype(np.int64) * blk).sum(-1)                     # [T, N]
+    return rshift_round(tot, we[None, :].astype(np.int64) - xr[:, None].astype(np.int64))
+
+
 def _row_exponent(mx: np.ndarray) -> np.ndarray:
     """Per row, e such that the largest scale * 2^e lies in [2^(W-1), 2^W)."""
     return np.where(mx > 0, W_SCALE_BITS - 1 - np.floor(np.log2(np.where(mx > 0, mx, 1))), 0).astype(np.int64)
@@ -195,6 +207,9 @@ class IntWeight:
     wd: np.ndarray
     wm: np.ndarray
     e: np.ndarray
+
+    def __post_init__(self):
+        self._emin = int(self.e.min()) if self.e.size else 0
 
     @property
     def shape(self):
@@ -249,9 +264,13 @@ class IntWeight:
         w = (q * self.wd[..., None] + self.wm[..., None]) * 2.0 ** -self.e[:, None, None]
         return w.reshape(N, K)
 
-    def matmul(self, y: np.ndarray) -> np.ndarray:
+    def matmul(self, y: np.ndarray, kernels: str = "numba") -> np.ndarray:
         """Q.16 y[T, K] -> Q.16 [T, N]."""
         xq, xs, xsum, xr = quantize_act(y)
+        if int(xr.max()) > self._emin:     # would need a left shift of the sum: refused (proofs.py)
+            raise IntegerModeError("activation too large for the integer matmul's output shift")
+        if kernels == "numpy":
+            return qmatmul_numpy(xq, xs, xsum, xr, self.q, self.wd, self.wm, self.e)
         out = np.empty((y.shape[0], self.q.shape[0]), np.int64)
         _qmatmul(xq, xs, xsum, xr, self.q, self.wd, self.wm, self.e, out)
         return out
@@ -322,6 +341,23 @@ def _attention(q, k, v, pos, isq, out):
             out[t, h, i] = (out[t, h, i] + (np.int64(1) << (PROB - 1))) >> PROB
 
 
+def attention_numpy(q, k, v, pos, isq) -> np.ndarray:
+    """numpy twin of _attention."""
+    T, H, Dh = q.shape
+    Hkv = k.shape[0]
+    g = H // Hkv
+    out = np.zeros((T, H, Dh), np.int64)
+    for t in range(T):
+        n = int(pos[t]) + 1
+        for h in range(H):
+            s = k[h // g, :n] @ q[t, h]                                       # Q.32, exact
+            s = rshift_round(rshift_round(s, 16) * isq, 16)
+            e = iexp(s - s.max())
+            p = ((e << PROB) + e.sum() // 2) // e.sum()
+            out[t, h] = rshift_round(p @ v[h // g, :n], PROB)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # the model
 # ------------------------------------------------------------------------------------------------
@@ -348,6 +384,14 @@ def irmsnorm(x: np.ndarray, g: np.ndarray, eps_q32: int) -> np.ndarray:
     return (2 * num + R) // (2 * R)
 
 
+def _guard(layer: int, what: str, a: np.ndarray, bits: int) -> np.ndarray:
+    """The runtime bounds the overflow proofs assume (verify/proofs.py): |a| < 2^bits."""
+    if a.size and int(np.abs(a).max()) >= 1 << bits:
+        raise IntegerModeError(f"layer {layer}: {what} beyond {2.0 ** (bits - FRAC):g} overflows "
+                               "the integer mode's int64 products")
+    return a
+
+
 @dataclass
 class IntegerModel:
     """The integer twin of a Model. forward(ids, pos, cache, slot, logits) like model.forward."""
@@ -359,12 +403,15 @@ class IntegerModel:
     source: str = ""
     hook: object = None
     is_integer: bool = True
+    kernels: str = "numba"          # "numba" or "numpy": the same integers either way
 
     @classmethod
     def from_checkpoint(cls, ckpt) -> "IntegerModel":
         cfg = ckpt.config
         if cfg.arch != "llama" or cfg.act != "silu":
             raise IntegerModeError(f"integer mode runs the llama family (SwiGLU); this model is {cfg.arch}")
+        if cfg.head_dim > 256:
+            raise IntegerModeError(f"head_dim {cfg.head_dim} > 256 (the proved bound of the integer q.k)")
         weights, gains = {}, {}
         for name, w in ckpt.weights.items():
             if len(w.shape) == 1:
@@ -374,6 +421,9 @@ class IntegerModel:
             else:
                 weights[name] = IntWeight.from_qtensor(w)
         weights.setdefault("output", weights["token_embd"])
+        for name, g in gains.items():
+            if int(np.abs(g).max()) >= 1 << 31:
+                raise IntegerModeError(f"norm gain {name} beyond 32768 (the proved RMSNorm bound)")
         return cls(cfg, weights, gains, int(round(cfg.norm_eps * 2.0 ** 32)), ckpt.metadata, ckpt.source)
 
     @classmethod
@@ -407,12 +457,14 @@ class IntegerModel:
         cfg, W = self.config, self.weights
         T, H, Hkv, Dh = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         p = f"blk.{i}."
-        q = W[p + "attn_q"].matmul(x).reshape(T, H, Dh)
-        k = W[p + "attn_k"].matmul(x).reshape(T, Hkv, Dh)
-        v = W[p + "attn_v"].matmul(x).reshape(T, Hkv, Dh)
+        q = W[p + "attn_q"].matmul(x, self.kernels).reshape(T, H, Dh)
+        k = W[p + "attn_k"].matmul(x, self.kernels).reshape(T, Hkv, Dh)
+        v = W[p + "attn_v"].matmul(x, self.kernels).reshape(T, Hkv, Dh)
         rot = cfg.rotary_dim
         c, s = rope_tables_q24(pos, rot, cfg.rope_theta)
-        q, k = self._rope(q, c, s, rot), self._rope(k, c, s, rot)
+        _guard(i, "v", v, 31)
+        q, k = self._rope(_guard(i, "q", q, 27), c, s, rot), self._rope(_guard(i, "k", k, 27), c, s, rot)
+        _guard(i, "roped q/k", q, 27), _guard(i, "roped q/k", k, 27)
         cache.k[i, slot, :, pos] = k
         cache.v[i, slot, :, pos] = v
         o = np.empty((T, H, Dh), np.int64)
@@ -421,10 +473,14 @@ class IntegerModel:
             t = np.nonzero(slot == sl)[0]
             n = int(pos[t].max()) + 1
             ot = np.empty((len(t), H, Dh), np.int64)
-            _attention(np.ascontiguousarray(q[t]), np.ascontiguousarray(cache.k[i, sl, :, :n]),
-                       np.ascontiguousarray(cache.v[i, sl, :, :n]), pos[t], isq, ot)
+            args = (np.ascontiguousarray(q[t]), np.ascontiguousarray(cache.k[i, sl, :, :n]),
+                    np.ascontiguousarray(cache.v[i, sl, :, :n]), pos[t], isq)
+            if self.kernels == "numpy":
+                ot = attention_numpy(*args)
+            else:
+                _attention(*args, ot)
             o[t] = ot
-        return W[p + "attn_output"].matmul(o.reshape(T, H * Dh))
+        return W[p + "attn_output"].matmul(o.reshape(T, H * Dh), self.kernels)
 
     @staticmethod
     def _rope(x, c, s, rot):
@@ -439,12 +495,10 @@ class IntegerModel:
     def _ffn_block(self, i, x):
         W = self.weights
         p = f"blk.{i}."
-        g = W[p + "ffn_gate"].matmul(x)
-        u = W[p + "ffn_up"].matmul(x)
-        if max(int(np.abs(g).max()), int(np.abs(u).max())) >= 1 << 31:
-            raise IntegerModeError(f"layer {i}: FFN activation beyond 32768 overflows the Q.16 product")
-        h = rshift_round(isilu(g) * u, FRAC)
-        return W[p + "ffn_down"].matmul(h)
+        g = W[p + "ffn_gate"].matmul(x, self.kernels)
+        u = W[p + "ffn_up"].matmul(x, self.kernels)
+        h = rshift_round(isilu(_guard(i, "ffn gate", g, 31)) * _guard(i, "ffn up", u, 31), FRAC)
+        return W[p + "ffn_down"].matmul(h, self.kernels)
 
     def forward_int(self, ids, pos, cache: KVCache, slot=0, logits: str = "last") -> np.ndarray:
         """model.forward with integers: int64 Q.16 logits ([V], [T, V] or [B, V])."""
@@ -480,7 +534,7 @@ class IntegerModel:
             sel = slice(None)
         else:
             raise ValueError(f"logits must be 'last', 'all' or 'per_slot', not {logits!r}")
-        out = self.weights["output"].matmul(irmsnorm(x[sel], G["output_norm"], self.eps_q32))
+        out = self.weights["output"].matmul(irmsnorm(x[sel], G["output_norm"], self.eps_q32), self.kernels)
         hook("logits", -1, out)
         return out[0] if logits == "last" else out
 
