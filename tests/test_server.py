@@ -326,3 +326,31 @@ def test_queued_disconnect_frees_queue_place(monkeypatch):
                 time.sleep(0.8)                                     # ... and leaves
                 with c.stream("POST", "/v1/completions", json=body) as rc:
                     assert rc.status_code == 200                    # its place in the queue is free again
+
+
+@pytest.mark.parametrize("seed", [-1, 0, 2**70])
+def test_any_integer_seed(srv, seed):
+    c, _ = srv
+    r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "seed": seed, "temperature": 1})
+    assert r.status_code == 200, r.text
+
+
+def test_model_error_fails_one_request_not_the_engine():
+    calls = {"n": 0}
+    ok = stub_forward()
+
+    def flaky(ids, pos, slot):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return ok(ids, pos, slot)
+    eng = Engine(None, StubTokenizer(), n_slots=1, max_queue=1, n_ctx=64, forward_fn=flaky).start()
+    try:
+        with ServerThread(create_app(eng, "stub")) as url, httpx.Client(base_url=url, timeout=10) as c:
+            err = assert_error(c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}), 500)
+            assert "boom" in err["message"] and err["type"] == "server_error"
+            r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == "AB"
+            assert c.get("/health").json()["slots_busy"] == 0
+    finally:
+        eng.close()

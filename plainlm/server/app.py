@@ -97,7 +97,12 @@ def sampling_from(data: dict) -> SamplingParams:
         repeat_penalty=float(field(data, "repeat_penalty", "number", 1.0, 0, lo_open=True)),
         presence_penalty=float(field(data, "presence_penalty", "number", 0.0, -2, 2)),
         frequency_penalty=float(field(data, "frequency_penalty", "number", 0.0, -2, 2)),
-        seed=field(data, "seed", "int", None))
+        seed=_seed(field(data, "seed", "int", None)))
+
+
+def _seed(seed):
+    """Any integer seeds the generator (llama.cpp's -1, or any negative: a random seed)."""
+    return None if seed is None or seed < 0 else seed
 
 
 def stops_from(data: dict) -> list[str]:

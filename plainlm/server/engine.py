@@ -172,13 +172,18 @@ class Engine:
             if r.cancelled:
                 self._finished(r, "cancelled", release=False)
                 continue
-            r.slot = self._free.pop()
-            r.state, r.n_prefilled = PREFILL, 0
-            r._rng = make_rng(r.sampling.seed)
-            r._dec = StreamDecoder(self.tokenizer)
-            r._stop = StopMatcher(r.stop)
+            try:
+                r._rng = make_rng(r.sampling.seed)
+                r._dec = StreamDecoder(self.tokenizer)
+                r._stop = StopMatcher(r.stop)
+            except Exception as e:                             # noqa: BLE001 - never kill the engine
+                self._emit(r, "error", f"{type(e).__name__}: {e}")
+                self._finished(r, "error", release=False, notify=False)
+                continue
             r._penalised = (r.sampling.repeat_penalty != 1 or r.sampling.presence_penalty != 0
                             or r.sampling.frequency_penalty != 0)
+            r.slot = self._free.pop()
+            r.state, r.n_prefilled = PREFILL, 0
             self._running.append(r)
         self.metrics.set("plainlm_queue_depth", len(self._waiting))
         self.metrics.set("plainlm_slots_busy", len(self._running))
@@ -230,7 +235,11 @@ class Engine:
                 r.state = DECODE
                 r.t_first = time.perf_counter()
                 self.metrics.observe("plainlm_time_to_first_token_seconds", r.t_first - r.t_submit)
-            self._accept(r, row)
+            try:
+                self._accept(r, row)
+            except Exception as e:                             # noqa: BLE001 - never kill the engine
+                self._emit(r, "error", f"{type(e).__name__}: {e}")
+                self._finished(r, "error", notify=False)
 
     def _accept(self, r: Request, row) -> None:
         history = (r.prompt_ids + r.out_ids) if r._penalised else ()
