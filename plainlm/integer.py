@@ -78,9 +78,11 @@ def bit_length(a: np.ndarray) -> np.ndarray:
     """Bits needed for |a| (0 for 0), elementwise, by comparisons only."""
     a = np.abs(np.asarray(a, np.int64))
     n = np.zeros(a.shape, np.int64)
-    for k in range(63):
-        n += a >= (np.int64(1) << k)
-    return n
+    for k in (32, 16, 8, 4, 2, 1):                 # binary search: n = number of halvings to 0
+        big = a >= (np.int64(1) << k)
+        n += np.where(big, k, 0)
+        a = np.where(big, a >> k, a)
+    return n + (a > 0)
 
 
 def isqrt(n: np.ndarray) -> np.ndarray:
@@ -461,7 +463,7 @@ class IntegerModel:
         k = W[p + "attn_k"].matmul(x, self.kernels).reshape(T, Hkv, Dh)
         v = W[p + "attn_v"].matmul(x, self.kernels).reshape(T, Hkv, Dh)
         rot = cfg.rotary_dim
-        c, s = rope_tables_q24(pos, rot, cfg.rope_theta)
+        c, s = self._rope_cs
         _guard(i, "v", v, 31)
         q, k = self._rope(_guard(i, "q", q, 27), c, s, rot), self._rope(_guard(i, "k", k, 27), c, s, rot)
         _guard(i, "roped q/k", q, 27), _guard(i, "roped q/k", k, 27)
@@ -512,6 +514,7 @@ class IntegerModel:
         if np.any((ids < 0) | (ids >= cfg.vocab_size)):
             raise ValueError(f"token id outside the vocabulary (0..{cfg.vocab_size - 1})")
         hook = self.hook or (lambda stage, layer, a: None)
+        self._rope_cs = rope_tables_q24(pos, cfg.rotary_dim, cfg.rope_theta)   # once per call
         x = self.weights["token_embd"].rows_q16(ids)                      # [T, D] Q.16
         hook("embed", -1, x)
         G = self.gains
