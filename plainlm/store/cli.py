@@ -7,7 +7,8 @@ import sys
 DB_HELP = "store URL: sqlite:///file.db (relative), sqlite:////abs/file.db, or postgresql://user@host:port/db"
 
 
-def _print_table(cols, rows, out=sys.stdout) -> None:
+def _print_table(cols, rows, out=None) -> None:
+    out = out or sys.stdout
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.6g}"
