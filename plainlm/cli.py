@@ -43,6 +43,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute threads (default: $PLAINLM_THREADS or all cores)")
     p.add_argument("--backend", choices=["ref", "fast"], default=None,
                    help="kernels: numpy reference or compiled (default: $PLAINLM_BACKEND or fast)")
+    p.add_argument("--integer", action="store_true",
+                   help="integer-only inference (int8 weights/activations, int32 accumulation, "
+                        "fixed-point norms, RoPE, softmax, SiLU): bit-identical across runs and threads")
 
 
 def open_model(args, n_slots: int = 1):
@@ -53,7 +56,12 @@ def open_model(args, n_slots: int = 1):
     from .tokenizer import Tokenizer
     kernels.set_threads(getattr(args, "threads", None))
     path = resolve_model(getattr(args, "model", None))
-    m = load_model(path, getattr(args, "backend", None))
+    if getattr(args, "integer", False):
+        from .formats import load
+        from .integer import IntegerModel
+        m = IntegerModel.from_checkpoint(load(path))
+    else:
+        m = load_model(path, getattr(args, "backend", None))
     return m, Tokenizer.from_model(m)
 
 

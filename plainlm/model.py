@@ -107,6 +107,8 @@ def forward(m: Model, ids, pos, cache: KVCache, slot=0, logits: str = "last") ->
     (logits="last"), [T, V] for every token ("all"), or for the last token of each slot in order of
     appearance ("per_slot", [B, V], batched decoding).
     """
+    if getattr(m, "is_integer", False):           # integer-only twin (plainlm/integer.py)
+        return m.forward(ids, pos, cache, slot, logits)
     cfg, K, W = m.config, m.backend, m.weights
     ids = np.asarray(ids, np.int64).reshape(-1)
     T = ids.shape[0]
