@@ -27,7 +27,8 @@ def _user_error(e):
     return UserError(str(e))
 
 
-def build_config(args) -> "TrainConfig":  # noqa: F821
+def build_config(args):
+    """TrainConfig from --config, then flags on top."""
     from .loop import TrainConfig, TrainError, load_config_file
     d = load_config_file(args.config) if args.config else {}
     d = dict(d)

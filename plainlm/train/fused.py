@@ -8,7 +8,6 @@ calls these only for float32 arrays and falls back to numpy when numba is missin
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
