@@ -261,3 +261,30 @@ def test_time_limit_stops_with_checkpoint_and_eval(tmp_path):
     res = train(_cfg(tmp_path, steps=50, max_minutes=1e-9), progress=False, log=lambda s: None)
     assert res["stopped"] == "time" and res["step"] == 1 and res["best_val"] == res["val_loss"]
     assert load_checkpoint(tmp_path / "out" / "ckpt.npz")[0]["step"] == 1
+
+
+def test_toml_config_and_flag_override(tmp_path):
+    import argparse
+
+    from plainlm.train import cli as tcli
+    _corpus(tmp_path)
+    (tmp_path / "c.toml").write_text(f"""
+data = ["{tmp_path / 'corpus'}"]
+tokenizer = "word"
+vocab_size = 50
+steps = 7
+[model]
+arch = "gpt2"
+dim = 16
+n_heads = 2
+positions = "sinusoidal"
+""")
+    ap = argparse.ArgumentParser()
+    tcli.register(ap.add_subparsers())
+    args = ap.parse_args(["train", "--config", str(tmp_path / "c.toml"), "--steps", "3", "--layers", "1"])
+    tc = tcli.build_config(args)
+    assert tc.steps == 3 and tc.tokenizer == "word" and tc.model == dict(arch="gpt2", dim=16, n_heads=2,
+                                                                         positions="sinusoidal", n_layers=1)
+    (tmp_path / "bad.toml").write_text("steps = [")
+    with pytest.raises(Exception, match="cannot parse config"):
+        tcli.build_config(ap.parse_args(["train", "--config", str(tmp_path / "bad.toml")]))
