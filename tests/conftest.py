@@ -5,6 +5,10 @@ import os
 
 import pytest
 
+# The numpy reference backend keeps decoded float32 weights in test runs (same numbers, much less
+# time per token); subprocesses started by the tests inherit it.
+os.environ.setdefault("PLAINLM_REF_DECODED", "1")
+
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
