@@ -48,7 +48,7 @@ def worker(engine, threads, positions, steps, ids):
     else:
         import numpy as np
         from llama_cpp import Llama
-        llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
+        llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx,
                     verbose=False)
         for p in positions:
             if p > llm.n_tokens:
@@ -68,12 +68,13 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--no-results", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
     positions = [int(p) for p in args.positions.split(",")]
+    if args.worker:                                   # ids come from the driver: no tokenizer in the worker's RSS
+        return worker(args.worker, args.threads, positions, args.steps, json.loads(args.ids))
     from decode import append_results, prompt_ids
-    ids = prompt_ids(max(positions) + 2 * args.steps + 8)
-    if args.worker:
-        return worker(args.worker, args.threads, positions, args.steps, ids)
+    ids = json.dumps(prompt_ids(max(positions) + 2 * args.steps + 8))
     engines = ["plainlm"]
     try:
         import llama_cpp  # noqa: F401
@@ -83,7 +84,7 @@ def main():
     res = {"threads": args.threads, "steps": args.steps}
     for e in engines:
         p = subprocess.run([sys.executable, __file__, "--worker", e, "--threads", str(args.threads),
-                            "--positions", args.positions, "--steps", str(args.steps)], capture_output=True, text=True)
+                            "--positions", args.positions, "--steps", str(args.steps), "--ids", ids], capture_output=True, text=True)
         if p.returncode:
             print(f"{e} failed: {p.stderr[-2000:]}", file=sys.stderr)
             continue

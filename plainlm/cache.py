@@ -28,6 +28,26 @@ class ContextFull(ValueError):
     pass
 
 
+def _lazy_zeros(shape, dtype) -> np.ndarray:
+    """np.zeros whose pages are mapped as tokens arrive. With transparent huge pages on, the first
+    write into a 2 MB region maps all of it, so a long cache would be resident after a few tokens;
+    MADV_NOHUGEPAGE keeps the growth per 4 KB page (Linux; elsewhere a no-op)."""
+    a = np.zeros(shape, dtype)
+    if a.nbytes >= 1 << 22 and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import mmap
+            libc = ctypes.CDLL(None, use_errno=True)
+            page = mmap.PAGESIZE
+            start = -(-a.ctypes.data // page) * page
+            end = (a.ctypes.data + a.nbytes) // page * page
+            if end > start:
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 15)  # MADV_NOHUGEPAGE
+        except (OSError, AttributeError):
+            pass
+    return a
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_ctx: int, n_slots: int = 1, dtype=np.float32):
         if n_ctx <= 0 or n_slots <= 0:
@@ -36,8 +56,8 @@ class KVCache:
         self.n_ctx, self.n_slots = n_ctx, n_slots
         self.n_rows = n_ctx
         shape = (cfg.n_layers, n_slots, cfg.n_kv_heads, n_ctx, cfg.head_dim)
-        self.k = np.zeros(shape, dtype)
-        self.v = np.zeros(shape, dtype)
+        self.k = _lazy_zeros(shape, dtype)
+        self.v = _lazy_zeros(shape, dtype)
         self.length = np.zeros(n_slots, np.int64)     # positions filled per slot
         # un-rotated keys of attention sinks [L, B, n_sinks, Hkv, Dh]: none in a plain cache
         self.k_sink = np.zeros((cfg.n_layers, n_slots, 0, cfg.n_kv_heads, cfg.head_dim), dtype)
