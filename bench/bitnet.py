@@ -12,10 +12,8 @@ Prints one JSON line and appends a row to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -146,31 +144,15 @@ def run_worker(engine, path, threads, prompt_len, steps):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def append_results(res, cmd):
-    path = os.path.join(HERE, "RESULTS.md")
-    new = not os.path.exists(path)
-    with open(path, "a") as f:
-        if new:
-            f.write("# Benchmark results\n\nOne row per run; each benchmark prints one JSON line.\n\n")
-        f.write(f"\n## bitnet 2B-4T shapes, TQ2_0 — {datetime.date.today().isoformat()} — {cpu_name()} — "
-                f"{res['threads']} threads\n\n`{cmd}`\n\n")
-        f.write("| engine | decode tok/s | prefill tok/s (256) | peak RSS MB | load s |\n|---|---|---|---|---|\n")
-        for e in ("plainlm", "llama_cpp"):
-            r = res[e]
-            f.write(f"| {e} | {r['decode_tok_s']} | {r['prefill_tok_s']} | {r['peak_rss_mb']} | {r['load_s']} |\n")
-        f.write(f"\nratios plainlm/llama.cpp: decode {res['decode_ratio']}, prefill {res['prefill_ratio']}, "
-                f"RSS {res['rss_ratio']} (medians of {res['rounds']} alternating rounds; file "
-                f"{res['file_mb']} MB)\n")
+def append_bitnet_results(res, cmd):
+    from _results import append_results
+    rows = ["| engine | decode tok/s | prefill tok/s (256) | peak RSS MB | load s |", "|---|---|---|---|---|"]
+    for e in ("plainlm", "llama_cpp"):
+        r = res[e]
+        rows.append(f"| {e} | {r['decode_tok_s']} | {r['prefill_tok_s']} | {r['peak_rss_mb']} | {r['load_s']} |")
+    rows.append(f"\nratios plainlm/llama.cpp: decode {res['decode_ratio']}, prefill {res['prefill_ratio']}, "
+                f"RSS {res['rss_ratio']} (medians of {res['rounds']} alternating rounds; file {res['file_mb']} MB)")
+    append_results(f"bitnet 2B-4T shapes, TQ2_0 — {res['threads']} threads", cmd, rows)
 
 
 def main():
@@ -210,7 +192,7 @@ def main():
             res[k] = round(med["plainlm"][key] / med["llama_cpp"][key], 3)
     print(json.dumps(res))
     if len(engines) == 2 and not args.no_results:
-        append_results(res, "python bench/bitnet.py " + " ".join(sys.argv[1:]))
+        append_bitnet_results(res, "python bench/bitnet.py " + " ".join(sys.argv[1:]))
     return 0
 
 

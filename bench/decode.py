@@ -131,23 +131,7 @@ def run_worker(args):
 # driver
 # ------------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:
-        return "unknown CPU"
-
-
-def append_results(title: str, cmd: str, rows: list[str]):
-    path = os.path.join(HERE, "RESULTS.md")
-    new = not os.path.exists(path)
-    with open(path, "a") as f:
-        if new:
-            f.write("# Benchmark results\n\nRows are appended by the scripts in bench/ (newest last).\n")
-        f.write(f"\n## {title} — {time.strftime('%Y-%m-%d %H:%M')} — {cpu_model()} ({os.cpu_count()} CPUs)\n")
-        f.write(f"`{cmd}`\n\n")
-        f.write("\n".join(rows) + "\n")
+from _results import append_results  # noqa: E402  (bench/ is on sys.path)
 
 
 def main():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
 import shlex
@@ -180,41 +179,25 @@ async def flood(url, n, tokens, timeout, server_pid):
             "wall_s": round(wall, 2), "server_peak_rss_mb": round(peak["rss"], 1)}
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def append_results(res, cmd):
-    path = os.path.join(HERE, "RESULTS.md")
-    new = not os.path.exists(path)
-    with open(path, "a") as f:
-        if new:
-            f.write("# Benchmark results\n\nOne row per run; each benchmark prints one JSON line.\n\n")
-        f.write(f"\n## serve — {datetime.date.today().isoformat()} — {cpu_name()} — {res['threads']} threads\n\n")
-        f.write(f"`{cmd}`\n\n")
-        f.write("| clients | plainlm tok/s | llama-cpp tok/s | ratio | plainlm TTFT p50/p99 s | "
-                "llama-cpp TTFT p50/p99 s | failed (ours/theirs) |\n|---|---|---|---|---|---|---|\n")
-        for c, ours in res["plainlm"].items():
-            th = (res["llama_cpp"] or {}).get(c)
-            ratio = f"{ours['tok_s'] / th['tok_s']:.2f}" if th and th["tok_s"] else "—"
-            f.write(f"| {c} | {ours['tok_s']} | {th['tok_s'] if th else '—'} | {ratio} | "
+def append_serve_results(res, cmd):
+    from _results import append_results
+    rows = ["| clients | plainlm tok/s | llama-cpp tok/s | ratio | plainlm TTFT p50/p99 s | "
+            "llama-cpp TTFT p50/p99 s | failed (ours/theirs) |", "|---|---|---|---|---|---|---|"]
+    for c, ours in res["plainlm"].items():
+        th = (res["llama_cpp"] or {}).get(c)
+        ratio = f"{ours['tok_s'] / th['tok_s']:.2f}" if th and th["tok_s"] else "—"
+        rows.append(f"| {c} | {ours['tok_s']} | {th['tok_s'] if th else '—'} | {ratio} | "
                     f"{ours['ttft_p50_s']}/{ours['ttft_p99_s']} | "
                     f"{(str(th['ttft_p50_s']) + '/' + str(th['ttft_p99_s'])) if th else '—'} | "
-                    f"{ours['failed']}/{th['failed'] if th else '—'} |\n")
-        if res.get("llama_cpp_note"):
-            f.write(f"\n{res['llama_cpp_note']}\n")
-        fl = res.get("check_256")
-        if fl:
-            f.write(f"\n256-connection check: {fl['ok']} completed, {fl['busy_503_retry_after']} refused with "
+                    f"{ours['failed']}/{th['failed'] if th else '—'} |")
+    if res.get("llama_cpp_note"):
+        rows.append(f"\n{res['llama_cpp_note']}")
+    fl = res.get("check_256")
+    if fl:
+        rows.append(f"\n256-connection check: {fl['ok']} completed, {fl['busy_503_retry_after']} refused with "
                     f"503 + Retry-After, **{fl['failed']} failed**; server peak RSS {fl['server_peak_rss_mb']} MB "
-                    f"({fl['wall_s']} s).\n")
+                    f"({fl['wall_s']} s).")
+    append_results(f"serve — {res['threads']} threads", cmd, rows)
 
 
 def main(argv=None) -> int:
@@ -238,7 +221,7 @@ def main(argv=None) -> int:
     clients = [int(c) for c in args.clients.split(",") if c]
     py = sys.executable
     res = {"bench": "serve", "model": os.path.basename(model), "threads": args.threads, "tokens": args.tokens,
-           "cpu": cpu_name(), "plainlm": {}, "llama_cpp": None}
+           "cpu": __import__("_results").cpu_model(), "plainlm": {}, "llama_cpp": None}
 
     # ---- both servers up at once; each load level runs on ours, then on theirs ----------------
     # (an idle server costs no CPU; alternating keeps the two sides' conditions alike on a shared box)
@@ -297,7 +280,7 @@ def main(argv=None) -> int:
 
     print(json.dumps(res))
     if not args.no_append:
-        append_results(res, "python bench/serve.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+        append_serve_results(res, "python bench/serve.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     return 0
 
 

@@ -9,10 +9,8 @@ bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -139,12 +137,9 @@ for _ in range(args.rounds):
 ours, theirs = (float(np.median([r[0] for r in rs])) for rs in (r_ours, r_torch))
 ours_cpu, theirs_cpu = (float(np.median([r[1] for r in rs])) for rs in (r_ours, r_torch))
 
-cpu = "unknown"
-try:
-    with open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-except (OSError, StopIteration):
-    cpu = platform.processor() or cpu
+from _results import append_results, cpu_model  # noqa: E402  (bench/ is on sys.path)
+
+cpu = cpu_model()
 row = {"bench": "train_step", "params": n_params(cfg), "batch": args.batch, "seq": args.seq,
        "threads": args.threads, "plainlm_tok_s": round(ours, 1), "torch_tok_s": round(theirs, 1),
        "ratio": round(ours / theirs, 3), "loss_plainlm": round(l_ours, 4), "loss_torch": round(l_torch, 4),
@@ -155,18 +150,12 @@ row = {"bench": "train_step", "params": n_params(cfg), "batch": args.batch, "seq
 print(json.dumps(row))
 
 if not args.no_results:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    cmd = "python bench/train.py " + " ".join(sys.argv[1:])
-    new = not os.path.exists(path)
-    with open(path, "a") as f:
-        if new:
-            f.write("# Benchmark results\n\n")
-        f.write(f"\n## train step — {datetime.date.today().isoformat()} — {cpu} — {args.threads} threads\n\n"
-                f"`{cmd.strip()}`\n\n"
-                f"| model | batch x seq | plainlm tok/s | PyTorch tok/s | ratio | ratio per CPU-second | load avg |\n"
-                f"|---|---|---|---|---|---|---|\n"
-                f"| llama {n_params(cfg) / 1e6:.1f}M (D={cfg.dim}, L={cfg.n_layers}, GQA {cfg.n_heads}/{cfg.n_kv_heads}, "
-                f"V={cfg.vocab_size}) | {args.batch} x {args.seq} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} | "
-                f"{ours_cpu / theirs_cpu:.2f} | {row['load_avg']} |\n\n"
-                f"One step = forward + backward + clip + AdamW, same weights and batch (first-step losses "
-                f"{l_ours:.4f} / {l_torch:.4f}); medians of {args.rounds} alternating rounds of {args.steps} steps.\n")
+    append_results(f"train step — {args.threads} threads", "python bench/train.py " + " ".join(sys.argv[1:]), [
+        "| model | batch x seq | plainlm tok/s | PyTorch tok/s | ratio | ratio per CPU-second | load avg |",
+        "|---|---|---|---|---|---|---|",
+        f"| llama {n_params(cfg) / 1e6:.1f}M (D={cfg.dim}, L={cfg.n_layers}, GQA {cfg.n_heads}/{cfg.n_kv_heads}, "
+        f"V={cfg.vocab_size}) | {args.batch} x {args.seq} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} | "
+        f"{ours_cpu / theirs_cpu:.2f} | {row['load_avg']} |",
+        "",
+        f"One step = forward + backward + clip + AdamW, same weights and batch (first-step losses "
+        f"{l_ours:.4f} / {l_torch:.4f}); medians of {args.rounds} alternating rounds of {args.steps} steps."])

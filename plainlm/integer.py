@@ -504,15 +504,10 @@ class IntegerModel:
 
     def forward_int(self, ids, pos, cache: KVCache, slot=0, logits: str = "last") -> np.ndarray:
         """model.forward with integers: int64 Q.16 logits ([V], [T, V] or [B, V])."""
+        from .model import check_tokens
         cfg = self.config
-        ids = np.asarray(ids, np.int64).reshape(-1)
+        ids, pos, slot = check_tokens(cfg, ids, pos, slot, cache)
         T = ids.shape[0]
-        pos = np.broadcast_to(np.asarray(pos, np.int64), (T,)).copy()
-        slot = np.broadcast_to(np.asarray(slot, np.int64), (T,)).copy()
-        if np.any(pos >= cache.n_ctx) or np.any(pos < 0):
-            raise ValueError(f"position {int(pos.max())} is outside the context (0..{cache.n_ctx - 1})")
-        if np.any((ids < 0) | (ids >= cfg.vocab_size)):
-            raise ValueError(f"token id outside the vocabulary (0..{cfg.vocab_size - 1})")
         hook = self.hook or (lambda stage, layer, a: None)
         self._rope_cs = rope_tables_q24(pos, cfg.rotary_dim, cfg.rope_theta)   # once per call
         x = self.weights["token_embd"].rows_q16(ids)                      # [T, D] Q.16

@@ -22,7 +22,6 @@ import numpy as np
 from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
-from .quant import QTensor
 
 
 @dataclass
@@ -100,6 +99,20 @@ def ffn_block(m: Model, i: int, x):
     return K.matmul(W[p + "ffn_down"], h)
 
 
+def check_tokens(cfg: ModelConfig, ids, pos, slot, cache: KVCache):
+    """ids[T], pos[T], slot[T] as int64 arrays (pos and slot broadcast), checked against the
+    vocabulary and the cache."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    T = ids.shape[0]
+    pos = np.broadcast_to(np.asarray(pos, np.int64), (T,)).copy()
+    slot = np.broadcast_to(np.asarray(slot, np.int64), (T,)).copy()
+    if np.any(pos >= cache.n_ctx) or np.any(pos < 0):
+        raise ValueError(f"position {int(pos.max())} is outside the context (0..{cache.n_ctx - 1})")
+    if np.any((ids < 0) | (ids >= cfg.vocab_size)):
+        raise ValueError(f"token id outside the vocabulary (0..{cfg.vocab_size - 1})")
+    return ids, pos, slot
+
+
 def forward(m: Model, ids, pos, cache: KVCache, slot=0, logits: str = "last") -> np.ndarray:
     """Run tokens ids[T] at positions pos[T] (slots slot[T] or one int) through the model.
 
@@ -110,14 +123,8 @@ def forward(m: Model, ids, pos, cache: KVCache, slot=0, logits: str = "last") ->
     if getattr(m, "is_integer", False):           # integer-only twin (plainlm/integer.py)
         return m.forward(ids, pos, cache, slot, logits)
     cfg, K, W = m.config, m.backend, m.weights
-    ids = np.asarray(ids, np.int64).reshape(-1)
+    ids, pos, slot = check_tokens(cfg, ids, pos, slot, cache)
     T = ids.shape[0]
-    pos = np.broadcast_to(np.asarray(pos, np.int64), (T,)).copy()
-    slot = np.broadcast_to(np.asarray(slot, np.int64), (T,)).copy()
-    if np.any(pos >= cache.n_ctx) or np.any(pos < 0):
-        raise ValueError(f"position {int(pos.max())} is outside the context (0..{cache.n_ctx - 1})")
-    if np.any((ids < 0) | (ids >= cfg.vocab_size)):
-        raise ValueError(f"token id outside the vocabulary (0..{cfg.vocab_size - 1})")
 
     fused = getattr(K, "decode_step", None)            # one compiled call for the whole model (fast backend)
     if fused is not None and m.hook is None and len(np.unique(slot)) == T:
