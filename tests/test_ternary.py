@@ -76,7 +76,8 @@ def test_i2s_layout():
 # bit planes and kernels
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n,k,T", [(64, 256, 1), (100, 200, 3), (33, 64, 5), (300, 17000, 2), (8, 1, 1)])
+@pytest.mark.parametrize("n,k,T", [(64, 256, 1), (100, 200, 3), (33, 64, 5), (300, 17000, 2), (8, 1, 1),
+                                   (6, 131008, 1)])
 def test_kernels_match_dense_int8(n, k, T):
     t = rng.choice([-1, 0, 1], size=(n, k)).astype(np.int8)
     sc = rng.uniform(0.5, 1.5, n).astype(np.float32)
@@ -86,6 +87,10 @@ def test_kernels_match_dense_int8(n, k, T):
     want = tk.tmatmul_dense_int(t, sc, x)
     np.testing.assert_array_equal(w.prepare("ref").matmul(x), want)
     np.testing.assert_array_equal(w.prepare("fast").matmul(x), want)
+    if tk.HAVE_NUMBA:                                  # both numba kernels, whichever is the default
+        x16, s = tk.act_quant_fast(x, w.plus.shape[1] * 8)
+        for vnni in (False, True) if tk.HAVE_VNNI else (False,):
+            np.testing.assert_array_equal(tk.tmatmul_fast(w.plus, w.minus, w.scale, x16, s, vnni), want)
 
 
 def test_act_quant_twins_and_rounding():

@@ -17,6 +17,12 @@ idea; LLVM lowers the same IR on any other CPU. Activations are widened to int16
 (K*2 bytes, in L1). An int16 lane sums K/64 values of |xq| <= 127, so the loop is cut every
 256 words (16384 inputs) and the partial sums added in int32.
 
+On CPUs with AVX-512 VNNI (`_simd.available()`) decode uses `_tdot_vnni` instead (same layout,
+same exact integer sums): each plane word is turned into 64 bytes in {0, 1} by one masked move and
+`vpdpbusd` multiplies them with the int8 activations into int32 lanes (acc_plus - acc_minus), TR = 2
+rows per x load. Fewer instructions per weight than the int16 masked adds (64-bit masks instead of
+two 32-bit halves, no overflow flushes): the 2B-4T ternary layers went from ~57 to ~42 ms per token.
+
 Output head: the tied embedding stays 16-bit (f16 from GGUF, bf16 from HF safetensors, memory
 mapped); `_hdot` converts 16 values at a time in registers (fpext half->float, or bf16 << 16)
 and accumulates in float32. For many tokens (prefill with all logits) the reference path is
@@ -154,6 +160,51 @@ if HAVE_NUMBA:
             return _reduce(builder, "llvm.vector.reduce.add.v64i32", V32, builder.sext(acc, V32))
         return sig, codegen
 
+    TR = 2                                                              # rows per _tdot_vnni call
+
+    @intrinsic
+    def _tdot_vnni(typingctx, x8, xoff, plus, minus, poff, kb, nwords, out, ooff):
+        """out[ooff + r] = int32 sum, r < TR, of plane rows poff + r*kb against int8 x8[xoff:]
+        (AVX-512 VNNI). Each 64-bit plane word becomes 64 bytes in {0, 1} (one masked move) and
+        `vpdpbusd` adds the u8 {0,1} x s8 x products into int32 lanes; acc_plus - acc_minus is the
+        exact integer sum (no int16 flushes). One x load serves TR rows, 2*TR independent chains."""
+        sig = types.void(x8, xoff, plus, minus, poff, kb, nwords, out, ooff)
+
+        def codegen(context, builder, signature, args):
+            xv, xo, pv, mv, po, kbv, nw, ov, oo = args
+            xp = _elem_ptr(context, builder, signature.args[0], xv, xo, _I8)
+            pp = _elem_ptr(context, builder, signature.args[2], pv, po, _I8)
+            mp = _elem_ptr(context, builder, signature.args[3], mv, po, _I8)
+            op = _elem_ptr(context, builder, signature.args[7], ov, oo, _I32)
+            V8, V32, M64 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_I1, 64)
+            dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V32, [V32] * 3),
+                                                "llvm.x86.avx512.vpdpbusd.512")
+            one, zero = ir.Constant(V8, [1] * 64), ir.Constant(V8, None)
+
+            def row(base, r):
+                return builder.bitcast(builder.gep(base, [builder.mul(kbv, ir.Constant(kbv.type, r))]),
+                                       _I64.as_pointer())
+            rows = [(row(pp, r), row(mp, r)) for r in range(TR)]
+
+            def body(i, accs):
+                x = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(i, ir.Constant(i.type, 64))]),
+                                                 V8.as_pointer()), align=1)
+                x = builder.bitcast(x, V32)
+                out = []
+                for r, (pw, mw) in enumerate(rows):
+                    for h, w in enumerate((pw, mw)):
+                        m = builder.bitcast(builder.load(builder.gep(w, [i]), align=1), M64)
+                        b01 = builder.bitcast(builder.select(m, one, zero), V32)       # plane bits -> bytes
+                        out.append(builder.call(dp, [accs[2 * r + h], b01, x]))
+                return out
+            accs = _loop(builder, nw, [ir.Constant(V32, None)] * (2 * TR), body)
+            for r in range(TR):
+                d = builder.sub(accs[2 * r], accs[2 * r + 1])
+                builder.store(_reduce(builder, "llvm.vector.reduce.add.v16i32", V32, d),
+                              builder.gep(op, [ir.Constant(_I64, r)]))
+            return context.get_dummy_value()
+        return sig, codegen
+
     def _hdot_factory(kind: str):
         @intrinsic
         def _hdot(typingctx, w, woff, x, xoff, n32):
@@ -238,6 +289,22 @@ if HAVE_NUMBA:
                                      min(WORDS_PER_FLUSH, nw - w0))
                     y[t, r] = np.float32(acc) / s[t] * scale[r]
 
+    @njit(parallel=True, cache=True)
+    def _tmm_vnni(plus, minus, scale, x8, s, y):
+        """As _tmm with x8 int8 [T, Kp], TR rows per _tdot_vnni call (needs N % TR == 0)."""
+        N, kb = plus.shape
+        T, kp = x8.shape
+        nw = kb // 8
+        nb = (N + RB - 1) // RB
+        acc = np.empty(nb * TR, np.int32)                               # TR sums per task
+        for b in prange(nb):
+            o = b * TR
+            for t in range(T):
+                for r in range(b * RB, min(N, b * RB + RB), TR):
+                    _tdot_vnni(x8, t * kp, plus, minus, r * kb, kb, nw, acc, o)
+                    for i in range(TR):
+                        y[t, r + i] = np.float32(acc[o + i]) / s[t] * scale[r + i]
+
     def _hmv_factory(hdot):
         @njit(parallel=True, cache=True)
         def _hmv(w, x, y):
@@ -263,9 +330,25 @@ def act_quant_fast(x: np.ndarray, kp: int):
     return x16, s
 
 
-def tmatmul_fast(plus, minus, scale, x16, s) -> np.ndarray:
+def _have_vnni() -> bool:
+    try:
+        from . import _simd
+        return _simd.available()
+    except Exception:                                                   # pragma: no cover
+        return False
+
+
+HAVE_VNNI = HAVE_NUMBA and _have_vnni()
+
+
+def tmatmul_fast(plus, minus, scale, x16, s, vnni: bool | None = None) -> np.ndarray:
+    """Numba ternary matmul: the VNNI kernel where the CPU has it (and N % TR == 0), else the
+    masked-add kernel; both exact, same result."""
     y = np.empty((x16.shape[0], plus.shape[0]), np.float32)
-    _tmm(plus, minus, scale, x16, s, y)
+    if (HAVE_VNNI if vnni is None else vnni) and plus.shape[0] % TR == 0:
+        _tmm_vnni(plus, minus, scale, x16.astype(np.int8), s, y)
+    else:
+        _tmm(plus, minus, scale, x16, s, y)
     return y
 
 
