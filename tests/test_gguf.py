@@ -42,15 +42,6 @@ def _no_hang():
         signal.signal(signal.SIGALRM, old)
 
 
-@pytest.fixture(scope="module")
-def model_path():
-    from plainlm.pull import PullError, pull
-    try:
-        return str(pull(quiet=True))
-    except (PullError, OSError) as e:            # pragma: no cover - offline without a cache
-        pytest.skip(f"default model unavailable: {e}")
-
-
 # ------------------------------------------------------------------------------------------------
 # byte-level builders for hand-made files
 # ------------------------------------------------------------------------------------------------

@@ -14,15 +14,6 @@ from plainlm.inspect import format_report, inspect_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model_path():
-    from plainlm.pull import PullError, pull
-    try:
-        return str(pull(quiet=True))
-    except (PullError, OSError) as e:            # pragma: no cover - offline without a cache
-        pytest.skip(f"default model unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def report(model_path):
     return inspect_report(model_path)
 
