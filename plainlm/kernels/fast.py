@@ -596,6 +596,44 @@ def _attention_heads_par(q, kc, vc, l, s, n, out, t):
 
 
 @njit(cache=True, fastmath=True)
+def _attend_step(l, q, k, v, pos, slot, rows, nvis, sink_to, kc, vc, ksink, inv, att):
+    """Layer l's attention for one token per slot (the fused decodes): rotate q[T, H, Dh] and
+    k[T, Hkv, Dh], write k/v into the cache rows (keeping a window's sinks un-rotated in ksink),
+    then each token's heads attend over its slot's first nvis[t] rows -> att[T, H, Dh]."""
+    T, H, Dh = q.shape
+    Hkv = k.shape[1]
+    ns = ksink.shape[2]
+    qr = np.empty_like(q)
+    kr = np.empty_like(k)
+    sc = np.empty(kc.shape[3], np.float32)
+    sink = np.empty((1, Hkv, Dh), np.float32)
+    sinkr = np.empty((1, Hkv, Dh), np.float32)
+    spos = np.empty(1, np.int64)
+    _rope(q, pos, inv, qr)
+    _rope(k, pos, inv, kr)
+    for t in range(T):
+        s = slot[t]
+        if pos[t] < ns:                                  # an attention sink: keep it un-rotated
+            ksink[l, s, pos[t]] = k[t]
+        for j in range(Hkv):
+            kc[l, s, j, rows[t]] = kr[t, j]
+            vc[l, s, j, rows[t]] = v[t, j]
+        if sink_to[t] >= 0:                              # window: sinks sit just before it
+            for j in range(ns):
+                sink[0] = ksink[l, s, j]
+                spos[0] = sink_to[t] + j
+                _rope(sink, spos, inv, sinkr)
+                for hh in range(Hkv):
+                    kc[l, s, hh, j] = sinkr[0, hh]
+        if nvis[t] * H >= 2048:
+            _attention_heads_par(qr, kc, vc, l, s, nvis[t], att, t)
+        else:
+            gq = H // Hkv
+            for hh in range(H):
+                _attend_one(qr[t, hh], kc[l, s, hh // gq], vc[l, s, hh // gq], nvis[t], sc, att[t, hh])
+
+
+@njit(cache=True, fastmath=True)
 def _decode(ids, pos, slot, rows, nvis, sink_to, wtab, norms, onorm, kc, vc, ksink, inv, eps, logits):
     """One token per slot through the whole model. ids/pos/slot/rows/nvis/sink_to [T]; wtab the
     weight table (7 per layer, then token_embd, output); norms [L, 2, D]; kc, vc the cache
@@ -606,13 +644,10 @@ def _decode(ids, pos, slot, rows, nvis, sink_to, wtab, norms, onorm, kc, vc, ksi
     Hkv, Dh = kc.shape[2], kc.shape[4]
     H = wtab[0, 1] // Dh
     F = wtab[4, 1]
-    ns = ksink.shape[2]
     x = np.empty((T, D), np.float32)
     h = np.empty((T, D), np.float32)
     q = np.empty((T, H, Dh), np.float32)
-    qr = np.empty((T, H, Dh), np.float32)
     k = np.empty((T, Hkv, Dh), np.float32)
-    kr = np.empty((T, Hkv, Dh), np.float32)
     v = np.empty((T, Hkv, Dh), np.float32)
     att = np.empty((T, H, Dh), np.float32)
     y = np.empty((T, D), np.float32)
@@ -623,10 +658,6 @@ def _decode(ids, pos, slot, rows, nvis, sink_to, wtab, norms, onorm, kc, vc, ksi
     xqD, dxD, sxD = np.empty((T, 2 * D), np.int8), np.empty((T, D // 32), np.float32), np.empty((T, D // 32), np.float32)
     xqA, dxA, sxA = np.empty((T, 2 * H * Dh), np.int8), np.empty((T, H * Dh // 32), np.float32), np.empty((T, H * Dh // 32), np.float32)
     xqF, dxF, sxF = np.empty((T, 2 * F), np.int8), np.empty((T, F // 32), np.float32), np.empty((T, F // 32), np.float32)
-    sc = np.empty(kc.shape[3], np.float32)
-    sink = np.empty((1, Hkv, Dh), np.float32)
-    sinkr = np.empty((1, Hkv, Dh), np.float32)
-    spos = np.empty(1, np.int64)
 
     emb, ek = _wt(wtab, L * _NW)
     for t in range(T):
@@ -640,28 +671,7 @@ def _decode(ids, pos, slot, rows, nvis, sink_to, wtab, norms, onorm, kc, vc, ksi
         wv, kv = _wt(wtab, l * _NW + 2)
         _matvec_q3(wq, kq, wk, kk, wv, kv, xqD, dxD, sxD,
                    q.reshape(T, H * Dh), k.reshape(T, Hkv * Dh), v.reshape(T, Hkv * Dh))
-        _rope(q, pos, inv, qr)
-        _rope(k, pos, inv, kr)
-        for t in range(T):
-            s = slot[t]
-            if pos[t] < ns:                                  # an attention sink: keep it un-rotated
-                ksink[l, s, pos[t]] = k[t]
-            for j in range(Hkv):
-                kc[l, s, j, rows[t]] = kr[t, j]
-                vc[l, s, j, rows[t]] = v[t, j]
-            if sink_to[t] >= 0:                              # window: sinks sit just before it
-                for j in range(ns):
-                    sink[0] = ksink[l, s, j]
-                    spos[0] = sink_to[t] + j
-                    _rope(sink, spos, inv, sinkr)
-                    for hh in range(Hkv):
-                        kc[l, s, hh, j] = sinkr[0, hh]
-            if nvis[t] * H >= 2048:
-                _attention_heads_par(qr, kc, vc, l, s, nvis[t], att, t)
-            else:
-                gq = H // Hkv
-                for hh in range(H):
-                    _attend_one(qr[t, hh], kc[l, s, hh // gq], vc[l, s, hh // gq], nvis[t], sc, att[t, hh])
+        _attend_step(l, q, k, v, pos, slot, rows, nvis, sink_to, kc, vc, ksink, inv, att)
         _quantize_act(att.reshape(T, H * Dh), xqA, dxA, sxA)
         wo, ko = _wt(wtab, l * _NW + 3)
         _matvec_q(wo, ko, xqA, dxA, sxA, y)
@@ -705,6 +715,9 @@ def decode_step(m, ids, pos, slot, cache):
     """Logits [T, V] for one token per slot (ids, pos, slot [T], slots distinct), writing their
     keys/values into the cache: the fused twin of model.forward. None when this model or cache is
     not one the fused path handles (the caller then runs the per-op path)."""
+    if m.config.arch == "bitnet":
+        from .bitnet_decode import decode_step as bitnet_step
+        return bitnet_step(m, ids, pos, slot, cache)
     plan = m.__dict__.get("_fast_plan")
     if plan is None:
         plan = m.__dict__["_fast_plan"] = _Plan(m)

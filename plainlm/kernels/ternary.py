@@ -17,13 +17,14 @@ idea; LLVM lowers the same IR on any other CPU. Activations are widened to int16
 (K*2 bytes, in L1). An int16 lane sums K/64 values of |xq| <= 127, so the loop is cut every
 256 words (16384 inputs) and the partial sums added in int32.
 
-On CPUs with AVX-512 VNNI (`_simd.available()`) decode uses `_tdot_vnni` instead (same layout,
-same exact integer sums): each plane word is turned into 64 bytes in {0, 1} by one masked move and
-`vpdpbusd` multiplies them with the int8 activations into int32 lanes (acc_plus - acc_minus), TR = 2
-rows per x load. Fewer instructions per weight than the int16 masked adds (64-bit masks instead of
-two 32-bit halves, no overflow flushes). 2B-4T shapes, 2 threads, matrices timed in isolation:
-~57 -> ~34 ms per token for all ternary layers; prefill 28 -> 40 tok/s, decode only ~+2% (decode is
-then dominated by the 657 MB f16 head, ~25-29 ms, memory-bound, and per-call overheads).
+On CPUs with AVX-512 VNNI (`_simd.available()`) `_tdot_vnni` is used instead (same layout, same
+exact integer sums, no mask registers): the plane word is broadcast to 8 qwords and ANDed with
+(1 << q) in qword q, so byte 8q + j carries 2^q * bit(8j + q); the activations are stored
+"bit-transposed" to match (x8t[64i + 8q + j] = xq[64i + 8j + q], `_act_quant_t`) and `vpdpbusd`
+sums them into int32 lanes that are shifted right by q at the end. Two instructions per plane word.
+History on this machine (Zen 4, 2 threads, 2B-4T shapes, all ternary layers of one token): int16
+masked adds ~57 ms; kmov + masked byte move + vpdpbusd ~30 ms (bound by the mask loads: ~90 G
+weights/s even from L3); broadcast-AND + vpdpbusd ~140 G weights/s from L3, i.e. memory-bound.
 
 Output head: the tied embedding stays 16-bit (f16 from GGUF, bf16 from HF safetensors, memory
 mapped); `_hdot` converts 16 values at a time in registers (fpext half->float, or bf16 << 16)
@@ -166,10 +167,15 @@ if HAVE_NUMBA:
 
     @intrinsic
     def _tdot_vnni(typingctx, x8, xoff, plus, minus, poff, kb, nwords, out, ooff):
-        """out[ooff + r] = int32 sum, r < TR, of plane rows poff + r*kb against int8 x8[xoff:]
-        (AVX-512 VNNI). Each 64-bit plane word becomes 64 bytes in {0, 1} (one masked move) and
-        `vpdpbusd` adds the u8 {0,1} x s8 x products into int32 lanes; acc_plus - acc_minus is the
-        exact integer sum (no int16 flushes). One x load serves TR rows, 2*TR independent chains."""
+        """out[ooff + r] = int32 sum, r < TR, of plane rows poff + r*kb against the bit-transposed
+        int8 activations x8[xoff:] (AVX-512 VNNI, no mask registers). Per 64-bit plane word w:
+            broadcast w to the 8 qwords of a zmm, AND qword q with (1 << q) in every byte
+              -> byte 8q + j = (byte j of w) & (1 << q) = 2^q * bit(8j + q)
+            vpdpbusd with x8t, where x8t[64i + 8q + j] = xq[64i + 8j + q] (bit_transpose)
+              -> int32 lane l (bytes 4l..4l+3, q = l // 2) += 2^q * sum of its 4 masked inputs
+        then (acc_plus - acc_minus) >> (l // 2) per lane (exact: every term is a multiple of 2^q)
+        and a horizontal add. Two instructions per plane word (vpandq with an embedded broadcast
+        load, vpdpbusd); one x load serves TR rows, 2*TR independent chains."""
         sig = types.void(x8, xoff, plus, minus, poff, kb, nwords, out, ooff)
 
         def codegen(context, builder, signature, args):
@@ -178,10 +184,11 @@ if HAVE_NUMBA:
             pp = _elem_ptr(context, builder, signature.args[2], pv, po, _I8)
             mp = _elem_ptr(context, builder, signature.args[3], mv, po, _I8)
             op = _elem_ptr(context, builder, signature.args[7], ov, oo, _I32)
-            V8, V32, M64 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_I1, 64)
+            V8, V32, V64 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_I64, 8)
             dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V32, [V32] * 3),
                                                 "llvm.x86.avx512.vpdpbusd.512")
-            one, zero = ir.Constant(V8, [1] * 64), ir.Constant(V8, None)
+            bitsel = ir.Constant(V8, [1 << (j // 8) for j in range(64)])
+            bcast = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
 
             def row(base, r):
                 return builder.bitcast(builder.gep(base, [builder.mul(kbv, ir.Constant(kbv.type, r))]),
@@ -195,13 +202,16 @@ if HAVE_NUMBA:
                 out = []
                 for r, (pw, mw) in enumerate(rows):
                     for h, w in enumerate((pw, mw)):
-                        m = builder.bitcast(builder.load(builder.gep(w, [i]), align=1), M64)
-                        b01 = builder.bitcast(builder.select(m, one, zero), V32)       # plane bits -> bytes
-                        out.append(builder.call(dp, [accs[2 * r + h], b01, x]))
+                        wd = builder.load(builder.gep(w, [i]), align=1)
+                        q = builder.insert_element(ir.Constant(V64, None), wd, ir.Constant(_I32, 0))
+                        q = builder.shuffle_vector(q, q, bcast)                     # w in all 8 qwords
+                        b = builder.bitcast(builder.and_(builder.bitcast(q, V8), bitsel), V32)
+                        out.append(builder.call(dp, [accs[2 * r + h], b, x]))
                 return out
             accs = _loop(builder, nw, [ir.Constant(V32, None)] * (2 * TR), body)
+            shift = ir.Constant(V32, [lane // 2 for lane in range(16)])
             for r in range(TR):
-                d = builder.sub(accs[2 * r], accs[2 * r + 1])
+                d = builder.ashr(builder.sub(accs[2 * r], accs[2 * r + 1]), shift)
                 builder.store(_reduce(builder, "llvm.vector.reduce.add.v16i32", V32, d),
                               builder.gep(op, [ir.Constant(_I64, r)]))
             return context.get_dummy_value()
@@ -273,6 +283,33 @@ if HAVE_NUMBA:
             for j in range(k, kp):
                 x16[t, j] = 0
 
+    @njit(cache=True)
+    def _act_quant_t(x, kp, x8t, s):
+        """x float32 [T, K] -> x8t int8 [T, kp] bit-transposed (x8t[t, 64i + 8q + j] =
+        xq[t, 64i + 8j + q], the order _tdot_vnni reads), s float32 [T]; xq as act_quant_ref."""
+        T, k = x.shape
+        for t in range(T):
+            amax = np.float32(0.0)
+            for j in range(k):
+                a = abs(x[t, j])
+                if a > amax:
+                    amax = a
+            st = np.float32(127.0) / max(amax, np.float32(1e-5))
+            s[t] = st
+            for j in range(kp):
+                v = np.float32(0.0)
+                if j < k:
+                    v = min(max(np.rint(x[t, j] * st), np.float32(-128.0)), np.float32(127.0))
+                x8t[t, (j & ~63) | ((j & 7) << 3) | ((j >> 3) & 7)] = np.int8(v)
+
+    @njit(cache=True)
+    def _bit_transpose(x16, x8t):
+        """int16 activations in natural order -> int8 in _tdot_vnni's order (see _act_quant_t)."""
+        T, kp = x16.shape
+        for t in range(T):
+            for j in range(kp):
+                x8t[t, (j & ~63) | ((j & 7) << 3) | ((j >> 3) & 7)] = np.int8(x16[t, j])
+
     RB = 8                                                              # rows per task
 
     @njit(parallel=True, cache=True)
@@ -293,7 +330,8 @@ if HAVE_NUMBA:
 
     @njit(parallel=True, cache=True)
     def _tmm_vnni(plus, minus, scale, x8, s, y):
-        """As _tmm with x8 int8 [T, Kp], TR rows per _tdot_vnni call (needs N % TR == 0)."""
+        """As _tmm with x8 int8 [T, Kp] bit-transposed (_act_quant_t), TR rows per _tdot_vnni
+        call (needs N % TR == 0)."""
         N, kb = plus.shape
         T, kp = x8.shape
         nw = kb // 8
@@ -348,7 +386,9 @@ def tmatmul_fast(plus, minus, scale, x16, s, vnni: bool | None = None) -> np.nda
     masked-add kernel; both exact, same result."""
     y = np.empty((x16.shape[0], plus.shape[0]), np.float32)
     if (HAVE_VNNI if vnni is None else vnni) and plus.shape[0] % TR == 0:
-        _tmm_vnni(plus, minus, scale, x16.astype(np.int8), s, y)
+        x8t = np.empty(x16.shape, np.int8)
+        _bit_transpose(x16, x8t)
+        _tmm_vnni(plus, minus, scale, x8t, s, y)
     else:
         _tmm(plus, minus, scale, x16, s, y)
     return y
