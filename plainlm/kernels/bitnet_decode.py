@@ -67,7 +67,7 @@ def _tmv_tab(ttab, j0, nm, x8t, s, y):
         o = b * TR
         for t in range(T):
             for r in range(bb * RB, bb * RB + RB, TR):
-                _tdot_vnni(x8t, t * kp, plus, minus, r * kb, kb, kb // 8, acc, o)
+                _tdot_vnni(x8t, t * kp, kp, plus, minus, r * kb, kb, kb // 8, acc, o)
                 for i in range(TR):
                     y[t, c0 + r + i] = np.float32(acc[o + i]) / s[t] * scale[r + i]
 

@@ -164,58 +164,69 @@ if HAVE_NUMBA:
         return sig, codegen
 
     TR = 2                                                              # rows per _tdot_vnni call
+    TT = 4                                                              # tokens per prefill tile
 
-    @intrinsic
-    def _tdot_vnni(typingctx, x8, xoff, plus, minus, poff, kb, nwords, out, ooff):
-        """out[ooff + r] = int32 sum, r < TR, of plane rows poff + r*kb against the bit-transposed
-        int8 activations x8[xoff:] (AVX-512 VNNI, no mask registers). Per 64-bit plane word w:
-            broadcast w to the 8 qwords of a zmm, AND qword q with (1 << q) in every byte
-              -> byte 8q + j = (byte j of w) & (1 << q) = 2^q * bit(8j + q)
-            vpdpbusd with x8t, where x8t[64i + 8q + j] = xq[64i + 8j + q] (bit_transpose)
-              -> int32 lane l (bytes 4l..4l+3, q = l // 2) += 2^q * sum of its 4 masked inputs
-        then (acc_plus - acc_minus) >> (l // 2) per lane (exact: every term is a multiple of 2^q)
-        and a horizontal add. Two instructions per plane word (vpandq with an embedded broadcast
-        load, vpdpbusd); one x load serves TR rows, 2*TR independent chains."""
-        sig = types.void(x8, xoff, plus, minus, poff, kb, nwords, out, ooff)
+    def _tdot_factory(tt: int):
+        @intrinsic
+        def _tdot_vnni(typingctx, x8, xoff, kp, plus, minus, poff, kb, nwords, out, ooff):
+            """out[ooff + r*tt + t] = int32 sum, r < TR, t < tt, of plane row poff + r*kb against
+            the bit-transposed int8 activations x8[xoff + t*kp:] (AVX-512 VNNI, no mask registers).
+            Per 64-bit plane word w:
+                broadcast w to the 8 qwords of a zmm, AND qword q with (1 << q) in every byte
+                  -> byte 8q + j = (byte j of w) & (1 << q) = 2^q * bit(8j + q)
+                vpdpbusd with x8t, where x8t[64i + 8q + j] = xq[64i + 8j + q] (_act_quant_t)
+                  -> int32 lane l (bytes 4l..4l+3, q = l // 2) += 2^q * sum of its 4 masked inputs
+            then (acc_plus - acc_minus) >> (l // 2) per lane (exact: every term is a multiple of
+            2^q) and a horizontal add. Two instructions per plane word and row (vpandq with an
+            embedded broadcast load, vpdpbusd); each ANDed word serves tt tokens, each x load TR
+            rows; 2*TR*tt independent accumulator chains."""
+            sig = types.void(x8, xoff, kp, plus, minus, poff, kb, nwords, out, ooff)
 
-        def codegen(context, builder, signature, args):
-            xv, xo, pv, mv, po, kbv, nw, ov, oo = args
-            xp = _elem_ptr(context, builder, signature.args[0], xv, xo, _I8)
-            pp = _elem_ptr(context, builder, signature.args[2], pv, po, _I8)
-            mp = _elem_ptr(context, builder, signature.args[3], mv, po, _I8)
-            op = _elem_ptr(context, builder, signature.args[7], ov, oo, _I32)
-            V8, V32, V64 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_I64, 8)
-            dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V32, [V32] * 3),
-                                                "llvm.x86.avx512.vpdpbusd.512")
-            bitsel = ir.Constant(V8, [1 << (j // 8) for j in range(64)])
-            bcast = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+            def codegen(context, builder, signature, args):
+                xv, xo, kpv, pv, mv, po, kbv, nw, ov, oo = args
+                xp = _elem_ptr(context, builder, signature.args[0], xv, xo, _I8)
+                pp = _elem_ptr(context, builder, signature.args[3], pv, po, _I8)
+                mp = _elem_ptr(context, builder, signature.args[4], mv, po, _I8)
+                op = _elem_ptr(context, builder, signature.args[8], ov, oo, _I32)
+                V8, V32, V64 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_I64, 8)
+                dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V32, [V32] * 3),
+                                                    "llvm.x86.avx512.vpdpbusd.512")
+                bitsel = ir.Constant(V8, [1 << (j // 8) for j in range(64)])
+                bcast = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
 
-            def row(base, r):
-                return builder.bitcast(builder.gep(base, [builder.mul(kbv, ir.Constant(kbv.type, r))]),
-                                       _I64.as_pointer())
-            rows = [(row(pp, r), row(mp, r)) for r in range(TR)]
+                def row(base, r):
+                    return builder.bitcast(builder.gep(base, [builder.mul(kbv, ir.Constant(kbv.type, r))]),
+                                           _I64.as_pointer())
+                rows = [(row(pp, r), row(mp, r)) for r in range(TR)]
+                xrows = [builder.gep(xp, [builder.mul(kpv, ir.Constant(kpv.type, t))]) for t in range(tt)]
 
-            def body(i, accs):
-                x = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(i, ir.Constant(i.type, 64))]),
-                                                 V8.as_pointer()), align=1)
-                x = builder.bitcast(x, V32)
-                out = []
-                for r, (pw, mw) in enumerate(rows):
-                    for h, w in enumerate((pw, mw)):
-                        wd = builder.load(builder.gep(w, [i]), align=1)
-                        q = builder.insert_element(ir.Constant(V64, None), wd, ir.Constant(_I32, 0))
-                        q = builder.shuffle_vector(q, q, bcast)                     # w in all 8 qwords
-                        b = builder.bitcast(builder.and_(builder.bitcast(q, V8), bitsel), V32)
-                        out.append(builder.call(dp, [accs[2 * r + h], b, x]))
-                return out
-            accs = _loop(builder, nw, [ir.Constant(V32, None)] * (2 * TR), body)
-            shift = ir.Constant(V32, [lane // 2 for lane in range(16)])
-            for r in range(TR):
-                d = builder.ashr(builder.sub(accs[2 * r], accs[2 * r + 1]), shift)
-                builder.store(_reduce(builder, "llvm.vector.reduce.add.v16i32", V32, d),
-                              builder.gep(op, [ir.Constant(_I64, r)]))
-            return context.get_dummy_value()
-        return sig, codegen
+                def body(i, accs):
+                    off = builder.mul(i, ir.Constant(i.type, 64))
+                    xs = [builder.bitcast(builder.load(builder.bitcast(builder.gep(xr, [off]), V8.as_pointer()),
+                                                       align=1), V32) for xr in xrows]
+                    out = list(accs)
+                    for r, (pw, mw) in enumerate(rows):
+                        for h, w in enumerate((pw, mw)):
+                            wd = builder.load(builder.gep(w, [i]), align=1)
+                            q = builder.insert_element(ir.Constant(V64, None), wd, ir.Constant(_I32, 0))
+                            q = builder.shuffle_vector(q, q, bcast)                 # w in all 8 qwords
+                            b = builder.bitcast(builder.and_(builder.bitcast(q, V8), bitsel), V32)
+                            for t, x in enumerate(xs):
+                                j = (r * tt + t) * 2 + h
+                                out[j] = builder.call(dp, [accs[j], b, x])
+                    return out
+                accs = _loop(builder, nw, [ir.Constant(V32, None)] * (2 * TR * tt), body)
+                shift = ir.Constant(V32, [lane // 2 for lane in range(16)])
+                for j in range(TR * tt):
+                    d = builder.ashr(builder.sub(accs[2 * j], accs[2 * j + 1]), shift)
+                    builder.store(_reduce(builder, "llvm.vector.reduce.add.v16i32", V32, d),
+                                  builder.gep(op, [ir.Constant(_I64, j)]))
+                return context.get_dummy_value()
+            return sig, codegen
+        return _tdot_vnni
+
+    _tdot_vnni = _tdot_factory(1)                                       # decode: TR rows x 1 token
+    _tdot_tile = _tdot_factory(TT)                                      # prefill: TR rows x TT tokens
 
     def _hdot_factory(kind: str):
         @intrinsic
@@ -330,18 +341,25 @@ if HAVE_NUMBA:
 
     @njit(parallel=True, cache=True)
     def _tmm_vnni(plus, minus, scale, x8, s, y):
-        """As _tmm with x8 int8 [T, Kp] bit-transposed (_act_quant_t), TR rows per _tdot_vnni
-        call (needs N % TR == 0)."""
+        """As _tmm with x8 int8 [T, Kp] bit-transposed (_act_quant_t): tiles of TR rows x TT
+        tokens, then TR rows x 1 token for the last T % TT (needs N % TR == 0)."""
         N, kb = plus.shape
         T, kp = x8.shape
         nw = kb // 8
         nb = (N + RB - 1) // RB
-        acc = np.empty(nb * TR, np.int32)                               # TR sums per task
+        acc = np.empty(nb * TR * TT, np.int32)                          # TR*TT sums per task
         for b in prange(nb):
-            o = b * TR
-            for t in range(T):
-                for r in range(b * RB, min(N, b * RB + RB), TR):
-                    _tdot_vnni(x8, t * kp, plus, minus, r * kb, kb, nw, acc, o)
+            o = b * TR * TT
+            for r in range(b * RB, min(N, b * RB + RB), TR):
+                t0 = 0
+                while t0 + TT <= T:
+                    _tdot_tile(x8, t0 * kp, kp, plus, minus, r * kb, kb, nw, acc, o)
+                    for i in range(TR):
+                        for t in range(TT):
+                            y[t0 + t, r + i] = np.float32(acc[o + i * TT + t]) / s[t0 + t] * scale[r + i]
+                    t0 += TT
+                for t in range(t0, T):
+                    _tdot_vnni(x8, t * kp, kp, plus, minus, r * kb, kb, nw, acc, o)
                     for i in range(TR):
                         y[t, r + i] = np.float32(acc[o + i]) / s[t] * scale[r + i]
 
