@@ -1,13 +1,18 @@
 """BitNet b1.58 2B-4T-shaped decode/prefill benchmark: plainlm vs llama.cpp on the same TQ2_0 GGUF.
 
 The model is random ternary with the exact shapes of microsoft/bitnet-b1.58-2B-4T (30 layers,
-hidden 2560, 20/5 heads, FFN 6912, vocab 128256, tied f16 embedding), written once as GGUF TQ2_0
-(architecture `bitnet`, minimal byte-level vocabulary) under ~/.cache/plainlm/bench/. Engines run
+hidden 2560, 20/5 heads, FFN 6912, vocab 128256, tied embedding), written once as GGUF TQ2_0
+(architecture `bitnet`, minimal byte-level vocabulary) under ~/.cache/plainlm/bench/. The embedding
+(also the output head) is f16 by default; `--embd q8_0` uses a second file, identical except that
+token_embd is stored as Q8_0 (like bitnet.cpp's `--quant-embd`, which stores it quantized): 349
+instead of 657 MB that every token reads. Engines run
 alternately, each in its own subprocess (peak RSS = that process's ru_maxrss, load included):
-prefill of a 256-token prompt, then decode of --decode tokens (batch 1), same thread count.
+prefill of a 256-token prompt, then decode of --decode tokens (batch 1), same thread count. One
+unmeasured plainlm run goes first, so that numba's on-disk cache holds the compiled kernels (a
+first-ever run compiles them: ~50 MB more peak RSS and seconds more load).
 Prints one JSON line and appends a row to bench/RESULTS.md.
 
-    python bench/bitnet.py [--threads 2] [--rounds 3] [--decode 32]
+    python bench/bitnet.py [--threads 2] [--rounds 3] [--decode 32] [--embd f16|q8_0]
 """
 from __future__ import annotations
 
@@ -28,19 +33,31 @@ SHAPES = dict(vocab_size=128256, dim=2560, n_layers=30, n_heads=20, n_kv_heads=5
               ffn_dim=6912, context_length=4096, rope_theta=500000.0, norm_eps=1e-5)
 
 
-def model_path() -> str:
+def model_path(embd: str = "f16") -> str:
     home = os.environ.get("PLAINLM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "plainlm")
-    return os.path.join(home, "bench", "bitnet-2b4t-shapes-random-tq2_0.gguf")
+    tail = "" if embd == "f16" else f"-embd_{embd}"
+    return os.path.join(home, "bench", f"bitnet-2b4t-shapes-random-tq2_0{tail}.gguf")
+
+
+def bench_config():
+    from plainlm.config import ModelConfig
+    return ModelConfig(arch="bitnet", act="relu2", **SHAPES)
+
+
+def bench_metadata() -> dict:
+    from plainlm.convert import bitnet_metadata, minimal_vocab
+    cfg = bench_config()
+    meta = bitnet_metadata(cfg, "bitnet", 37)
+    meta.update(minimal_vocab(cfg.vocab_size, bos=cfg.vocab_size - 2, eos=cfg.vocab_size - 1))
+    return meta
 
 
 def build_model(path: str) -> None:
     """Random ternary model, streamed to GGUF one tensor at a time (seeded: same file every time)."""
-    from plainlm.config import ModelConfig
-    from plainlm.convert import _ternary_entry, bitnet_metadata, minimal_vocab, write_gguf_file
-    cfg = ModelConfig(arch="bitnet", act="relu2", **SHAPES)
+    from plainlm.convert import _ternary_entry, write_gguf_file
+    cfg = bench_config()
     D, F, V, Dh = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim
-    meta = bitnet_metadata(cfg, "bitnet", 37)
-    meta.update(minimal_vocab(V, bos=V - 2, eos=V - 1))
+    meta = bench_metadata()
 
     def emb():
         for r0 in range(0, V, 8192):
@@ -75,6 +92,65 @@ def build_model(path: str) -> None:
     write_gguf_file(path, meta, tensors)
 
 
+def build_q8_0_embd(src: str, path: str, rows: int = 2048) -> None:
+    """`src` with token_embd re-stored as Q8_0 (quantized from its f16 values); every other tensor
+    and the metadata copied unchanged (integers are rewritten as u32, as plainlm's writer does). Streams `rows` embedding rows at a time (a few tens of MB of
+    float temporaries), and the other tensors straight from the mapped source file."""
+    from plainlm.convert import write_gguf_file
+    from plainlm.formats.gguf import read_gguf
+    from plainlm.quant import Q8_0, quantize, row_bytes
+    from plainlm.formats.safetensors import release_pages
+    g = read_gguf(src)
+    meta = {k: v for k, v in g.metadata.items() if k != "general.alignment"}    # the writer adds it
+    tensors = []
+    for name, ti in g.tensors.items():
+        shape = tuple(ti.shape)
+        if name == "token_embd.weight":
+            V, D = shape
+
+            def emb(ti=ti, V=V, D=D):
+                for r0 in range(0, V, rows):
+                    f16 = ti.data[r0:r0 + rows].view(np.float16).reshape(-1, D)
+                    yield quantize(f16.astype(np.float32), Q8_0)
+                    release_pages(ti.data[r0:r0 + rows])     # keep the source's pages out of RSS
+            tensors.append((name, "Q8_0", shape, V * row_bytes(Q8_0, D), emb))
+        else:
+            tensors.append((name, ti.qtype.name, shape, ti.data.nbytes, lambda ti=ti: _chunks(ti.data)))
+    write_gguf_file(path, meta, tensors)
+
+
+def _chunks(a: np.ndarray, n: int = 1 << 24):
+    from plainlm.formats.safetensors import release_pages
+    a = a.reshape(-1)
+    for i in range(0, a.size, n):
+        yield a[i:i + n]
+        release_pages(a[i:i + n])
+
+
+def embd_type(path: str) -> str:
+    """How the file stores token_embd (the tied output head): 'f16', 'q8_0', ..."""
+    from plainlm.formats.gguf import read_gguf
+    return read_gguf(path).tensors["token_embd.weight"].qtype.name.lower()
+
+
+def ensure_model(embd: str) -> str:
+    path = model_path(embd)
+    if os.path.exists(path):
+        return path
+    src = model_path("f16")
+    if not os.path.exists(src):
+        print(f"building {src} ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        build_model(src)
+        print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if embd != "f16":
+        print(f"building {path} ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        build_q8_0_embd(src, path)
+        print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------
 # workers (one engine per process)
 # ------------------------------------------------------------------------------------------------
@@ -93,6 +169,7 @@ def worker_plainlm(path, threads, prompt, steps):
     warm = m.new_cache(64)                                   # compile / warm every kernel shape
     prefill(m, prompt[:8], warm)
     forward(m, [prompt[0]], [8], warm)
+    del warm
     cache = m.new_cache(len(prompt) + steps + 1)
     t0 = time.perf_counter()
     logits = prefill(m, prompt, cache, chunk=len(prompt))
@@ -152,7 +229,7 @@ def append_bitnet_results(res, cmd):
         rows.append(f"| {e} | {r['decode_tok_s']} | {r['prefill_tok_s']} | {r['peak_rss_mb']} | {r['load_s']} |")
     rows.append(f"\nratios plainlm/llama.cpp: decode {res['decode_ratio']}, prefill {res['prefill_ratio']}, "
                 f"RSS {res['rss_ratio']} (medians of {res['rounds']} alternating rounds; file {res['file_mb']} MB)")
-    append_results(f"bitnet 2B-4T shapes, TQ2_0 — {res['threads']} threads", cmd, rows)
+    append_results(f"bitnet 2B-4T shapes, TQ2_0, {res['embd']} embedding — {res['threads']} threads", cmd, rows)
 
 
 def main():
@@ -162,29 +239,33 @@ def main():
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--model", default=None, help="GGUF to use (default: the cached random 2B-4T-shaped model)")
+    ap.add_argument("--embd", choices=["f16", "q8_0"], default="f16",
+                    help="storage of token_embd (= the tied output head): f16, or q8_0 (a second cached file)")
+    ap.add_argument("--build-only", action="store_true", help="build the cached model file and exit")
     ap.add_argument("--only", choices=["plainlm", "llama_cpp"], default=None)
     ap.add_argument("--worker", choices=["plainlm", "llama_cpp"], help=argparse.SUPPRESS)
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args()
-    path = args.model or model_path()
+    if args.build_only:
+        print(ensure_model(args.embd))
+        return 0
     prompt = np.random.default_rng(0).integers(0, 128000, args.prompt)
     if args.worker:
+        path = args.model
         fn = worker_plainlm if args.worker == "plainlm" else worker_llama
         print(json.dumps(fn(path, args.threads, prompt, args.decode)))
         return 0
-    if not os.path.exists(path):
-        print(f"building {path} ...", file=sys.stderr)
-        t0 = time.perf_counter()
-        build_model(path)
-        print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    path = args.model or ensure_model(args.embd)
     engines = [args.only] if args.only else ["plainlm", "llama_cpp"]
+    if "plainlm" in engines:        # fill numba's on-disk cache: measure runs after the first, not a first compile
+        run_worker("plainlm", path, args.threads, 8, 1)
     runs = {e: [] for e in engines}
     for r in range(args.rounds):
         for e in (engines if r % 2 == 0 else engines[::-1]):
             runs[e].append(run_worker(e, path, args.threads, args.prompt, args.decode))
             print(f"round {r} {e}: {runs[e][-1]}", file=sys.stderr)
     med = {e: {k: round(float(np.median([x[k] for x in v])), 2) for k in v[0]} for e, v in runs.items()}
-    res = {"bench": "bitnet-2b4t-tq2_0", "threads": args.threads, "rounds": args.rounds,
+    res = {"bench": "bitnet-2b4t-tq2_0", "embd": embd_type(path), "threads": args.threads, "rounds": args.rounds,
            "prompt": args.prompt, "decode": args.decode, "file_mb": round(os.path.getsize(path) / 1e6, 1),
            **med}
     if len(engines) == 2:

@@ -26,7 +26,7 @@ import numpy as np
 
 GGUF_ALIGN = 32
 _T_U32, _T_I32, _T_F32, _T_BOOL, _T_STR, _T_ARR = 4, 5, 6, 7, 8, 9
-TYPE_IDS = {"F32": 0, "F16": 1, "TQ1_0": 34, "TQ2_0": 35, "I2_S": 36}
+TYPE_IDS = {"F32": 0, "F16": 1, "Q8_0": 8, "TQ1_0": 34, "TQ2_0": 35, "I2_S": 36}
 FILE_TYPES = {"tq1_0": 36, "tq2_0": 37, "i2_s": 40}     # llama_ftype MOSTLY_TQ1_0 / TQ2_0 / bitnet.cpp I2_S
 
 
