@@ -85,6 +85,9 @@ def attention_block(m: Model, i: int, x, pos, slot, cache: KVCache):
     return K.matmul(W[p + "attn_output"], o)
 
 
+FFN_CHUNK = 64     # tokens per ffn_block call: bounds its [T, F] temporaries (prefill peak memory)
+
+
 def ffn_block(m: Model, i: int, x):
     """Gated MLP of layer i: down(act(gate(x)) * up(x)). x[T, D] -> [T, D]."""
     cfg, K, W = m.config, m.backend, m.weights
@@ -141,7 +144,8 @@ def forward(m: Model, ids, pos, cache: KVCache, slot=0, logits: str = "last") ->
         a = attention_block(m, i, K.rmsnorm(x, m.norms[p + "attn_norm"], cfg.norm_eps), pos, slot, cache)
         hook("attn_out", i, a)
         x = x + a                                      # residual stream: x = x + attn(norm(x))
-        f = ffn_block(m, i, K.rmsnorm(x, m.norms[p + "ffn_norm"], cfg.norm_eps))
+        h = K.rmsnorm(x, m.norms[p + "ffn_norm"], cfg.norm_eps)
+        f = np.concatenate([ffn_block(m, i, h[c:c + FFN_CHUNK]) for c in range(0, T, FFN_CHUNK)])
         hook("mlp_out", i, f)
         x = x + f                                      #                  x = x + mlp(norm(x))
     for s in np.unique(slot):
