@@ -166,7 +166,7 @@ if HAVE_NUMBA:
     TR = 2                                                              # rows per _tdot_vnni call
     TT = 4                                                              # tokens per prefill tile
 
-    def _tdot_factory(tt: int):
+    def _tdot_factory(tt: int, prefetch: int = 0):
         @intrinsic
         def _tdot_vnni(typingctx, x8, xoff, kp, plus, minus, poff, kb, nwords, out, ooff):
             """out[ooff + r*tt + t] = int32 sum, r < TR, t < tt, of plane row poff + r*kb against
@@ -200,7 +200,16 @@ if HAVE_NUMBA:
                 rows = [(row(pp, r), row(mp, r)) for r in range(TR)]
                 xrows = [builder.gep(xp, [builder.mul(kpv, ir.Constant(kpv.type, t))]) for t in range(tt)]
 
+                pf = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+                    "llvm.prefetch.p0i8")
+
                 def body(i, accs):
+                    if prefetch:
+                        for base in (pp, mp):
+                            a = builder.gep(base, [builder.add(builder.mul(i, ir.Constant(i.type, 8)),
+                                                               ir.Constant(i.type, prefetch))])
+                            builder.call(pf, [a, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
                     off = builder.mul(i, ir.Constant(i.type, 64))
                     xs = [builder.bitcast(builder.load(builder.bitcast(builder.gep(xr, [off]), V8.as_pointer()),
                                                        align=1), V32) for xr in xrows]
@@ -225,7 +234,9 @@ if HAVE_NUMBA:
             return sig, codegen
         return _tdot_vnni
 
-    _tdot_vnni = _tdot_factory(1)                                       # decode: TR rows x 1 token
+    # decode streams the planes from memory: prefetching 512 bytes ahead measured ~5-10% faster
+    # over all ternary layers of a 2B-4T-shaped model (256 and 768: no gain; 1024: slower)
+    _tdot_vnni = _tdot_factory(1, prefetch=512)                         # decode: TR rows x 1 token
     _tdot_tile = _tdot_factory(TT)                                      # prefill: TR rows x TT tokens
 
     def _hdot_factory(kind: str):
