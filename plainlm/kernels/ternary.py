@@ -286,18 +286,22 @@ if HAVE_NUMBA:
     _hdot_f16 = _hdot_factory("f16")
     _hdot_bf16 = _hdot_factory("bf16")
 
+    @njit(cache=True, inline="always")
+    def _act_scale(xt):
+        """127 / max(max |xt|, 1e-5) in float32: the per-token activation scale s."""
+        amax = np.float32(0.0)
+        for j in range(xt.shape[0]):
+            a = abs(xt[j])
+            if a > amax:
+                amax = a
+        return np.float32(127.0) / max(amax, np.float32(1e-5))
+
     @njit(cache=True)
     def _act_quant16(x, kp, x16, s):
         """x float32 [T, K] -> x16 int16 [T, kp] (int8 values), s float32 [T]; as act_quant_ref."""
         T, k = x.shape
         for t in range(T):
-            amax = np.float32(0.0)
-            for j in range(k):
-                a = abs(x[t, j])
-                if a > amax:
-                    amax = a
-            st = np.float32(127.0) / max(amax, np.float32(1e-5))
-            s[t] = st
+            st = s[t] = _act_scale(x[t])
             for j in range(k):
                 v = np.rint(x[t, j] * st)
                 v = min(max(v, np.float32(-128.0)), np.float32(127.0))
@@ -311,13 +315,7 @@ if HAVE_NUMBA:
         xq[t, 64i + 8j + q], the order _tdot_vnni reads), s float32 [T]; xq as act_quant_ref."""
         T, k = x.shape
         for t in range(T):
-            amax = np.float32(0.0)
-            for j in range(k):
-                a = abs(x[t, j])
-                if a > amax:
-                    amax = a
-            st = np.float32(127.0) / max(amax, np.float32(1e-5))
-            s[t] = st
+            st = s[t] = _act_scale(x[t])
             for j in range(kp):
                 v = np.float32(0.0)
                 if j < k:

@@ -31,7 +31,9 @@ The bit-plane form (what TernaryWeight keeps in memory, 2 bits per weight)
     minus uint8 [N, Kp/8]: bit (j & 7) of minus[r, j >> 3] is 1 iff t[r, j] = -1
     (np.packbits(..., bitorder="little"); Kp = K rounded up to 64, padding bits 0.) Read as a
     little-endian uint64, word w of a row is a 64-lane mask over inputs 64w..64w+63, so the kernel
-    does masked adds: acc += x where plus, acc -= x where minus — no int8 weights ever exist.
+    does masked adds: acc += x where plus, acc -= x where minus (the VNNI kernel turns each word
+    into register bytes 2^q * bit and multiplies with bit-transposed activations, see
+    plainlm/kernels/ternary.py) — no int8 weight matrix ever exists.
     scale float32 [N]: gamma per output row (one value repeated for a per-tensor scale; a TQ file
     whose blocks of one row carry different d cannot be represented and stays a block QTensor).
 
