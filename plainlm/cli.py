@@ -53,7 +53,6 @@ def open_model(args, n_slots: int = 1):
     from . import kernels
     from .model import load_model
     from .pull import resolve_model
-    from .tokenizer import Tokenizer
     kernels.set_threads(getattr(args, "threads", None))
     path = resolve_model(getattr(args, "model", None))
     if getattr(args, "integer", False):
@@ -62,7 +61,17 @@ def open_model(args, n_slots: int = 1):
         m = IntegerModel.from_checkpoint(load(path))
     else:
         m = load_model(path, getattr(args, "backend", None))
-    return m, Tokenizer.from_model(m)
+    return m, tokenizer_of(m)
+
+
+def tokenizer_of(m):
+    """The tokenizer a model or checkpoint carries (GGUF metadata or its HF directory's
+    tokenizer.json); a missing or malformed one is the user's file problem: UserError."""
+    from .tokenizer import Tokenizer
+    try:
+        return Tokenizer.from_model(m)
+    except (ValueError, NotImplementedError) as e:
+        raise UserError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,9 +173,8 @@ def cmd_chat(args) -> int:
 def cmd_tokenize(args) -> int:
     from .formats import load
     from .pull import resolve_model
-    from .tokenizer import Tokenizer
     ck = load(resolve_model(args.model))
-    tok = Tokenizer.from_gguf_metadata(ck.metadata)
+    tok = tokenizer_of(ck)                     # GGUF metadata or an HF directory's tokenizer.json
     ids = tok.encode(args.text)
     toks = [tok.token_text(i) for i in ids]
     if args.json:

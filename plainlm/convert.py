@@ -158,6 +158,11 @@ def tokenizer_from_hf_dir(path: str, vocab_size: int) -> dict | None:
         i = hf.token_to_id(v) if isinstance(v, str) else mc.get(f"{key}_token_id")
         if isinstance(i, int):
             meta[f"tokenizer.ggml.{key}_token_id"] = i
+    # Whether to prepend BOS, decided as for the directory itself (tokenizer_config's add_bos_token,
+    # else whether tokenizer.json's post-processor adds it); without the key a llama-bpe GGUF
+    # defaults to BOS on, and the GGUF would encode prompts differently from its source directory.
+    from .tokenizer import Tokenizer
+    meta["tokenizer.ggml.add_bos_token"] = Tokenizer.from_hf_dir(path).add_bos
     if isinstance(cfg.get("chat_template"), str):
         meta["tokenizer.chat_template"] = cfg["chat_template"]
     return meta
