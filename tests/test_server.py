@@ -7,6 +7,7 @@ test_server_openai.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 
 import httpx
@@ -354,3 +355,69 @@ def test_model_error_fails_one_request_not_the_engine():
             assert c.get("/health").json()["slots_busy"] == 0
     finally:
         eng.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# logit_bias and logprobs: validation and shapes (numbers are checked on the real model in
+# test_server_logprobs.py)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [[1], "x", {"abc": 1}, {"-1": 1}, {"259": 1}, {"1.5": 1}, {"65": "high"},
+                                  {"65": True}, {"65": 100.5}, {"65": -101}])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_logit_bias_rejected(srv, bias, path):
+    c, _ = srv
+    body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    assert_error(c.post(path, json={**body, "max_tokens": 2, "logit_bias": bias}), 400, param="logit_bias")
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "logprobs": -1}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": 2}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+])
+def test_logprobs_rejected(srv, body, param):
+    c, _ = srv
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    assert_error(c.post(path, json={**body, "max_tokens": 2}), 400, param=param)
+
+
+def test_logit_bias_accepted_in_range(srv):
+    c, _ = srv
+    r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "logit_bias": {"65": 100, "66": -100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "ABC"         # the stub's logits (1e4) outweigh any bias
+
+
+def test_completion_logprobs_shape(srv):
+    c, _ = srv
+    j = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "logprobs": 2}).json()
+    lp = j["choices"][0]["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert lp["tokens"] == list("ABCDE")
+    assert lp["text_offset"] == [0, 1, 2, 3, 4]
+    assert all(abs(x) < 1e-6 for x in lp["token_logprobs"])
+    assert [list(d)[0] for d in lp["top_logprobs"]] == list("ABCDE")
+    assert all(len(d) == 2 and list(d.values())[1] == -9999.0 for d in lp["top_logprobs"])   # floored
+    # without logprobs: null, as before
+    assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).json()["choices"][0]["logprobs"] is None
+
+
+def test_chat_logprobs_shape_stream_and_not(srv):
+    c, _ = srv
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "logprobs": True, "top_logprobs": 1}
+    j = c.post("/v1/chat/completions", json=body).json()
+    content = j["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content] == list("ABCD")
+    assert [e["bytes"] for e in content] == [[65], [66], [67], [68]]
+    assert all(set(e) == {"token", "logprob", "bytes", "top_logprobs"} for e in content)
+    assert [e["top_logprobs"][0]["token"] for e in content] == list("ABCD")
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    streamed = [e for ch in chunks for e in ((ch["choices"][0]["logprobs"] or {}).get("content") or [])]
+    assert streamed == content
+    j0 = c.post("/v1/chat/completions", json={**body, "top_logprobs": 0}).json()
+    assert all(e["top_logprobs"] == [] for e in j0["choices"][0]["logprobs"]["content"])

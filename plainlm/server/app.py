@@ -30,6 +30,9 @@ from .engine import Busy, Engine, Request
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 MAX_STOP = 4                 # OpenAI allows up to 4 stop sequences
+MAX_TOP_LOGPROBS_CHAT = 20   # chat: top_logprobs in 0..20
+MAX_LOGPROBS_COMPLETION = 5  # completions: logprobs in 0..5
+LOGPROB_FLOOR = -9999.0      # what OpenAI reports for a probability that underflows (JSON has no -inf)
 KEEPALIVE_S = 2.0            # an SSE comment after this much silence: finds disconnected clients
 OPEN_PATHS = ("/", "/health", "/metrics", "/favicon.ico")
 
@@ -119,6 +122,34 @@ def stops_from(data: dict) -> list[str]:
     return [x for x in s if x]
 
 
+def logit_bias_from(data: dict, vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (JSON keys are strings)."""
+    lb = data.get("logit_bias")
+    if lb is None:
+        return {}
+    if not isinstance(lb, dict):
+        raise APIError(400, f"'logit_bias' must be an object mapping token ids to numbers, got {_type_name(lb)}",
+                       param="logit_bias", code="invalid_type")
+    out = {}
+    for k, v in lb.items():
+        ks = k.strip() if isinstance(k, str) else ""
+        if not (ks.isascii() and ks.isdigit()) or not 0 <= int(ks) < vocab_size:
+            raise APIError(400, f"'logit_bias' keys must be token ids in 0..{vocab_size - 1}, got {k!r}",
+                           param="logit_bias", code="invalid_value")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise APIError(400, f"'logit_bias' value for token {ks} must be a number, got {_type_name(v)}",
+                           param="logit_bias", code="invalid_type")
+        if not -100 <= v <= 100:
+            raise APIError(400, f"'logit_bias' value for token {ks} must be in [-100, 100], got {v}",
+                           param="logit_bias", code="invalid_value")
+        out[int(ks)] = float(v)
+    return out
+
+
+def _lp(x: float) -> float:
+    return max(float(x), LOGPROB_FLOOR)
+
+
 def message_text(content, i: int) -> str:
     """A message's content: a string, or OpenAI's list of parts (text parts are joined)."""
     if content is None or isinstance(content, str):
@@ -192,11 +223,19 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
                            code="context_length_exceeded")
         return mt
 
-    def common(data):
+    def common(data, chat: bool):
         if field(data, "n", "int", 1) != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
-        if data.get("logprobs") not in (None, False, 0):
-            raise APIError(400, "logprobs are not supported", param="logprobs", code="invalid_value")
+        if chat:                        # logprobs: bool, top_logprobs: 0..20 (needs logprobs: true)
+            want = field(data, "logprobs", "bool", False)
+            top = field(data, "top_logprobs", "int", None, 0, MAX_TOP_LOGPROBS_CHAT)
+            if top is not None and not want:
+                raise APIError(400, "'top_logprobs' needs 'logprobs' set to true", param="top_logprobs",
+                               code="invalid_value")
+            logprobs = (top or 0) if want else None
+        else:                           # logprobs: how many alternatives, 0..5
+            logprobs = field(data, "logprobs", "int", None, 0, MAX_LOGPROBS_COMPLETION)
+        bias = logit_bias_from(data, tok.vocab_size)
         stream = field(data, "stream", "bool", False)
         so = data.get("stream_options")
         if so is not None and not isinstance(so, dict):
@@ -206,9 +245,11 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             sp = sampling_from(data)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
-        return stream, include_usage, sp, stops_from(data)
+        return dict(stream=stream, include_usage=include_usage, sp=sp, stops=stops_from(data),
+                    logit_bias=bias, logprobs=logprobs)
 
-    async def run(request: HTTPRequest, prompt_ids, max_tokens, sp, stops, stream, include_usage, shape):
+    async def run(request: HTTPRequest, prompt_ids, max_tokens, shape, sp, stops, stream, include_usage,
+                  logit_bias, logprobs):
         """Submit; then either stream SSE chunks built by `shape` or return the whole response."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -216,7 +257,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         def on_event(kind, payload):                       # engine thread -> event loop
             loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
 
-        r = Request(list(prompt_ids), max_tokens, sp, stops, on_event=on_event)
+        r = Request(list(prompt_ids), max_tokens, sp, stops, on_event=on_event, logit_bias=logit_bias,
+                    logprobs=logprobs)
         try:
             engine.submit(r)
         except Busy as e:
@@ -227,7 +269,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         rid = shape.prefix + uuid.uuid4().hex[:24]
 
         if not stream:
-            parts = []
+            parts, lps = [], ([] if logprobs is not None else None)
             checked = time.monotonic()
             try:
                 while True:
@@ -244,28 +286,35 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
                         continue
                     if kind == "text":
                         parts.append(payload)
+                    elif kind == "logprob":
+                        lps.append(payload)
                     elif kind == "error":
                         raise APIError(500, payload, "server_error")
                     else:
-                        return JSONResponse(shape.full(rid, "".join(parts), payload))
+                        return JSONResponse(shape.full(rid, "".join(parts), payload, lps))
             finally:
                 r.cancel()                                 # no-op once finished; frees the slot otherwise
 
         async def events():
             yield sse(shape.chunk(rid, None, first=True))
+            pending = []                                   # logprobs of tokens whose text is not out yet
             while True:
                 try:
                     kind, payload = await asyncio.wait_for(q.get(), KEEPALIVE_S)
                 except asyncio.TimeoutError:
                     yield ": keep-alive\n\n"               # sending to a gone client raises: we notice
                     continue
-                if kind == "text":
-                    yield sse(shape.chunk(rid, payload))
+                if kind == "logprob":
+                    pending.append(payload)
+                elif kind == "text":
+                    yield sse(shape.chunk(rid, payload, lps=pending if logprobs is not None else None))
+                    pending = []
                 elif kind == "error":
                     yield sse({"error": {"message": payload, "type": "server_error", "param": None, "code": None}})
                     return
                 else:
-                    yield sse(shape.chunk(rid, None, finish=payload["finish_reason"]))
+                    yield sse(shape.chunk(rid, None, finish=payload["finish_reason"],
+                                          lps=pending if logprobs is not None and pending else None))
                     if include_usage:
                         yield sse(shape.usage_chunk(rid, payload))
                     yield "data: [DONE]\n\n"
@@ -289,7 +338,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
     async def completions(request: HTTPRequest):
         data = await read_body(request)
         check_model(data)
-        stream, include_usage, sp, stops = common(data)
+        opts = common(data, chat=False)
         if data.get("echo") not in (None, False):
             raise APIError(400, "echo is not supported", param="echo", code="invalid_value")
         if data.get("suffix") not in (None, ""):
@@ -312,13 +361,13 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         if not ids:
             raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
         mt = budget(data, len(ids), 16)
-        return await run(request, ids, mt, sp, stops, stream, include_usage, CompletionShape(model_id))
+        return await run(request, ids, mt, CompletionShape(model_id, tok), **opts)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         data = await read_body(request)
         check_model(data)
-        stream, include_usage, sp, stops = common(data)
+        opts = common(data, chat=True)
         msgs = data.get("messages")
         if msgs is None:
             raise APIError(400, "'messages' is required", param="messages", code="missing_field")
@@ -340,7 +389,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             raise APIError(400, f"chat template: {e}", param="messages", code="invalid_value") from None
         ids = tok.encode(prompt, add_special=False)
         mt = budget(data, len(ids), None, names=("max_completion_tokens", "max_tokens"))
-        return await run(request, ids, mt, sp, stops, stream, include_usage, ChatShape(model_id))
+        return await run(request, ids, mt, ChatShape(model_id, tok), **opts)
 
     @app.post("/tokenize")
     async def tokenize(request: HTTPRequest):
@@ -448,21 +497,38 @@ def _usage(done: dict) -> dict:
 
 
 class CompletionShape:
+    """choices[0].logprobs (legacy completions): {tokens, token_logprobs, top_logprobs: [{token: logprob}],
+    text_offset}; offsets are character positions in the returned text (as vLLM counts them)."""
     prefix = "cmpl-"
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, tok=None):
+        self.model, self.tok, self.offset = model, tok, 0
 
-    def full(self, rid, text, done):
+    def logprobs(self, lps):
+        if lps is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in lps:
+            t = self.tok.token_text(e["id"])
+            out["tokens"].append(t)
+            out["token_logprobs"].append(_lp(e["logprob"]))
+            out["top_logprobs"].append({self.tok.token_text(i): _lp(x) for i, x in e["top"]})
+            out["text_offset"].append(self.offset)
+            self.offset += len(t)
+        return out
+
+    def full(self, rid, text, done, lps=None):
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": done["finish_reason"]}],
+                "choices": [{"index": 0, "text": text, "logprobs": self.logprobs(lps),
+                             "finish_reason": done["finish_reason"]}],
                 "usage": _usage(done)}
 
-    def chunk(self, rid, text, finish=None, first=False):
+    def chunk(self, rid, text, finish=None, first=False, lps=None):
         if first:
             text = ""
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model,
-                "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": 0, "text": text or "", "logprobs": self.logprobs(lps),
+                             "finish_reason": finish}]}
 
     def usage_chunk(self, rid, done):
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model,
@@ -470,21 +536,33 @@ class CompletionShape:
 
 
 class ChatShape:
+    """choices[0].logprobs: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
     prefix = "chatcmpl-"
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, tok=None):
+        self.model, self.tok = model, tok
 
-    def full(self, rid, text, done):
+    def _one(self, i, x):
+        return {"token": self.tok.token_text(i), "logprob": _lp(x), "bytes": list(self.tok.token_bytes(i))}
+
+    def logprobs(self, lps):
+        if lps is None:
+            return None
+        return {"content": [{**self._one(e["id"], e["logprob"]),
+                             "top_logprobs": [self._one(i, x) for i, x in e["top"]]} for e in lps],
+                "refusal": None}
+
+    def full(self, rid, text, done, lps=None):
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": done["finish_reason"]}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": self.logprobs(lps), "finish_reason": done["finish_reason"]}],
                 "usage": _usage(done)}
 
-    def chunk(self, rid, text, finish=None, first=False):
+    def chunk(self, rid, text, finish=None, first=False, lps=None):
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
         return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": self.logprobs(lps),
+                             "finish_reason": finish}]}
 
     def usage_chunk(self, rid, done):
         return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model,

@@ -17,6 +17,8 @@ Memory is bounded: the KV cache is preallocated for `n_slots` sequences of `n_ct
 most `max_queue` requests wait for a slot; past that `submit` raises `Busy` (HTTP 503 + Retry-After).
 
 Events go back to the caller through `Request.on_event(kind, payload)`, called on the engine thread:
+    ("logprob", dict)        (only when `Request.logprobs` is set) one per generated token, sent before
+                             that token's text: {"id", "logprob", "top": [(id, logprob), ...]}
     ("text", str)            decoded text, stop strings already cut out
     ("done", dict)           finish_reason, prompt_tokens, completion_tokens, ttft_s, ...
     ("error", str)           the request failed (a bug or an unexpected model error)
@@ -34,7 +36,7 @@ import numpy as np
 
 from ..generate import StopMatcher
 from ..model import forward
-from ..sampling import GREEDY, SamplingParams, make_rng, sample
+from ..sampling import GREEDY, SamplingParams, log_softmax, make_rng, sample
 from ..tokenizer import StreamDecoder
 from .metrics import Metrics
 
@@ -58,6 +60,8 @@ class Request:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     on_event: object = None                 # on_event(kind, payload), called on the engine thread
+    logit_bias: dict = field(default_factory=dict)   # token id -> added to the logits before sampling
+    logprobs: int | None = None             # None: off; k >= 0: report each token's logprob + top k
     # ---- engine state --------------------------------------------------------------------------
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False                 # set from any thread; the engine frees the slot next step
@@ -70,6 +74,19 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+def token_logprobs(row, tok: int, k: int) -> dict:
+    """The model's own distribution at this step: log_softmax of the raw logits (before logit_bias,
+    penalties and temperature, as OpenAI reports them). The chosen token's logprob and the top k."""
+    lp = log_softmax(np.asarray(row))
+    top = []
+    if k > 0:
+        k = min(k, len(lp))
+        idx = np.argpartition(-lp, k - 1)[:k]
+        idx = idx[np.lexsort((idx, -lp[idx]))]              # most likely first; ties by id
+        top = [(int(i), float(lp[i])) for i in idx]
+    return {"id": int(tok), "logprob": float(lp[tok]), "top": top}
 
 
 class Engine:
@@ -243,9 +260,17 @@ class Engine:
 
     def _accept(self, r: Request, row) -> None:
         history = (r.prompt_ids + r.out_ids) if r._penalised else ()
-        tok = sample(row, r.sampling, r._rng, history)
+        biased = row
+        if r.logit_bias:
+            biased = np.array(row, np.float32, copy=True)
+            for i, b in r.logit_bias.items():
+                if 0 <= i < len(biased):
+                    biased[i] += b
+        tok = sample(biased, r.sampling, r._rng, history)
         if tok in self.eos and not r.ignore_eos:
             return self._finished(r, "stop")
+        if r.logprobs is not None:
+            self._emit(r, "logprob", token_logprobs(row, tok, r.logprobs))
         r.out_ids.append(tok)
         self.metrics.inc("plainlm_generation_tokens_total")
         text = r._stop.push(r._dec.push(tok))
