@@ -129,7 +129,10 @@ def test_malformed_json(srv):
     ({}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x", "model": 3}, "model"),
-    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": 2, "stream": True}, "n"),        # n > 1: not streaming only
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 17}, "n"),
+    ({"prompt": "x", "n": "2"}, "n"),
 ])
 def test_wrong_types_completions(srv, body, param):
     c, _ = srv
@@ -421,3 +424,15 @@ def test_chat_logprobs_shape_stream_and_not(srv):
     assert streamed == content
     j0 = c.post("/v1/chat/completions", json={**body, "top_logprobs": 0}).json()
     assert all(e["top_logprobs"] == [] for e in j0["choices"][0]["logprobs"]["content"])
+
+
+def test_n_choices_stub(srv):
+    c, _ = srv
+    j = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "n": 3, "logprobs": 1}).json()
+    assert [ch["index"] for ch in j["choices"]] == [0, 1, 2]
+    assert [ch["text"] for ch in j["choices"]] == ["ABC"] * 3
+    assert all(ch["logprobs"]["text_offset"] == [0, 1, 2] for ch in j["choices"])
+    assert j["usage"] == {"prompt_tokens": 2, "completion_tokens": 9, "total_tokens": 11}
+    j = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                                             "n": 2}).json()
+    assert [ch["message"]["content"] for ch in j["choices"]] == ["AB", "AB"]

@@ -137,3 +137,26 @@ def test_tokenize_roundtrip_real(real):
         ids = c.post("/tokenize", json={"content": "Hello, wörld!"}).json()["tokens"]
         assert ids == tok.encode("Hello, wörld!")
         assert c.post("/detokenize", json={"tokens": ids}).json()["content"] == "Hello, wörld!"
+
+
+def test_n_choices_are_seed_plus_i(real):
+    """n=3 with seed s: choice i is exactly the single request with seed s + i (independent samples)."""
+    m, tok, eng, url, client = real
+    kw = dict(model="smollm2", prompt="Once upon a time", max_tokens=8, temperature=1.0)
+    r = client.completions.create(n=3, seed=40, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    got = [c.text for c in r.choices]
+    want = [client.completions.create(seed=40 + i, **kw).choices[0].text for i in range(3)]
+    assert got == want
+    assert len(set(got)) > 1                                   # really different samples
+    assert r.usage.prompt_tokens == len(tok.encode("Once upon a time", add_special=True))
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    c = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=5, temperature=1.0, seed=5, n=2)
+    one = [client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=5, temperature=1.0,
+                                          seed=5 + i) for i in range(2)]
+    assert [x.message.content for x in c.choices] == [x.choices[0].message.content for x in one]
+    assert c.usage.completion_tokens == sum(x.usage.completion_tokens for x in one)     # summed over choices
+    assert c.usage.prompt_tokens == one[0].usage.prompt_tokens                          # the prompt once
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(n=2, stream=True, **kw)
+    assert e.value.body["param"] == "n"

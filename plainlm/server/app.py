@@ -14,6 +14,7 @@ The app talks to the model only through the engine (submit a Request, receive it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import os
@@ -32,6 +33,7 @@ STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 MAX_STOP = 4                 # OpenAI allows up to 4 stop sequences
 MAX_TOP_LOGPROBS_CHAT = 20   # chat: top_logprobs in 0..20
 MAX_LOGPROBS_COMPLETION = 5  # completions: logprobs in 0..5
+MAX_N = 16                   # choices per request (n), non-streaming only
 LOGPROB_FLOOR = -9999.0      # what OpenAI reports for a probability that underflows (JSON has no -inf)
 KEEPALIVE_S = 2.0            # an SSE comment after this much silence: finds disconnected clients
 OPEN_PATHS = ("/", "/health", "/metrics", "/favicon.ico")
@@ -224,8 +226,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         return mt
 
     def common(data, chat: bool):
-        if field(data, "n", "int", 1) != 1:
-            raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
+        n = field(data, "n", "int", 1, 1, MAX_N)
         if chat:                        # logprobs: bool, top_logprobs: 0..20 (needs logprobs: true)
             want = field(data, "logprobs", "bool", False)
             top = field(data, "top_logprobs", "int", None, 0, MAX_TOP_LOGPROBS_CHAT)
@@ -241,66 +242,87 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         if so is not None and not isinstance(so, dict):
             raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
         include_usage = bool(so and field(so, "include_usage", "bool", False))
+        if n > 1 and stream:
+            raise APIError(400, "n > 1 is supported without streaming only", param="n", code="invalid_value")
         try:
             sp = sampling_from(data)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
         return dict(stream=stream, include_usage=include_usage, sp=sp, stops=stops_from(data),
-                    logit_bias=bias, logprobs=logprobs)
+                    logit_bias=bias, logprobs=logprobs, n=n)
 
     async def run(request: HTTPRequest, prompt_ids, max_tokens, shape, sp, stops, stream, include_usage,
-                  logit_bias, logprobs):
-        """Submit; then either stream SSE chunks built by `shape` or return the whole response."""
+                  logit_bias, logprobs, n=1):
+        """Submit; then either stream SSE chunks built by `shape` or return the whole response.
+        n > 1 (not streaming): n independent requests, choice i sampled with seed `seed + i`."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
-        def on_event(kind, payload):                       # engine thread -> event loop
-            loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+        def listener(i):
+            def on_event(kind, payload):                   # engine thread -> event loop
+                loop.call_soon_threadsafe(q.put_nowait, (i, kind, payload))
+            return on_event
 
-        r = Request(list(prompt_ids), max_tokens, sp, stops, on_event=on_event, logit_bias=logit_bias,
-                    logprobs=logprobs)
+        reqs = [Request(list(prompt_ids), max_tokens,
+                        sp if sp.seed is None or i == 0 else dataclasses.replace(sp, seed=sp.seed + i),
+                        stops, on_event=listener(i), logit_bias=logit_bias, logprobs=logprobs)
+                for i in range(n)]
         try:
-            engine.submit(r)
+            for r in reqs:
+                engine.submit(r)
         except Busy as e:
+            for r in reqs:
+                r.cancel()
             raise APIError(503, str(e), "server_error", code="server_busy",
                            headers={"Retry-After": str(e.retry_after)}) from None
         except ValueError as e:
+            for r in reqs:
+                r.cancel()
             raise APIError(400, str(e), code="invalid_value") from None
         rid = shape.prefix + uuid.uuid4().hex[:24]
 
         if not stream:
-            parts, lps = [], ([] if logprobs is not None else None)
+            parts = [[] for _ in reqs]
+            lps = [([] if logprobs is not None else None) for _ in reqs]
+            done = [None] * n
             checked = time.monotonic()
             try:
-                while True:
+                while not all(done):
                     try:
-                        kind, payload = await asyncio.wait_for(q.get(), 0.5)
+                        i, kind, payload = await asyncio.wait_for(q.get(), 0.5)
                     except asyncio.TimeoutError:
                         kind = None
                     if time.monotonic() - checked >= 0.5:            # client still there?
                         checked = time.monotonic()
                         if await request.is_disconnected():
-                            r.cancel()
                             return PlainTextResponse("", status_code=499)
                     if kind is None:
                         continue
                     if kind == "text":
-                        parts.append(payload)
+                        parts[i].append(payload)
                     elif kind == "logprob":
-                        lps.append(payload)
+                        lps[i].append(payload)
                     elif kind == "error":
                         raise APIError(500, payload, "server_error")
                     else:
-                        return JSONResponse(shape.full(rid, "".join(parts), payload, lps))
+                        done[i] = payload
+                return JSONResponse(shape.full(rid, ["".join(p) for p in parts], done, lps))
             finally:
-                r.cancel()                                 # no-op once finished; frees the slot otherwise
+                for r in reqs:
+                    r.cancel()                             # no-op once finished; frees the slot otherwise
+        r = reqs[0]
+        q_get = q.get
+
+        async def get():
+            _, kind, payload = await q_get()
+            return kind, payload
 
         async def events():
             yield sse(shape.chunk(rid, None, first=True))
             pending = []                                   # logprobs of tokens whose text is not out yet
             while True:
                 try:
-                    kind, payload = await asyncio.wait_for(q.get(), KEEPALIVE_S)
+                    kind, payload = await asyncio.wait_for(get(), KEEPALIVE_S)
                 except asyncio.TimeoutError:
                     yield ": keep-alive\n\n"               # sending to a gone client raises: we notice
                     continue
@@ -491,9 +513,11 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _usage(done: dict) -> dict:
-    return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
-            "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
+def _usage(done) -> dict:
+    """One `done` payload, or a list of them (n choices: the prompt counts once)."""
+    done = done if isinstance(done, list) else [done]
+    p, c = done[0]["prompt_tokens"], sum(d["completion_tokens"] for d in done)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 class CompletionShape:
@@ -504,9 +528,11 @@ class CompletionShape:
     def __init__(self, model, tok=None):
         self.model, self.tok, self.offset = model, tok, 0
 
-    def logprobs(self, lps):
+    def logprobs(self, lps, restart=False):
         if lps is None:
             return None
+        if restart:
+            self.offset = 0
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in lps:
             t = self.tok.token_text(e["id"])
@@ -517,11 +543,12 @@ class CompletionShape:
             self.offset += len(t)
         return out
 
-    def full(self, rid, text, done, lps=None):
+    def full(self, rid, texts, dones, lpss):
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": self.logprobs(lps),
-                             "finish_reason": done["finish_reason"]}],
-                "usage": _usage(done)}
+                "choices": [{"index": i, "text": text, "logprobs": self.logprobs(lps, restart=True),
+                             "finish_reason": done["finish_reason"]}
+                            for i, (text, done, lps) in enumerate(zip(texts, dones, lpss))],
+                "usage": _usage(dones)}
 
     def chunk(self, rid, text, finish=None, first=False, lps=None):
         if first:
@@ -552,11 +579,12 @@ class ChatShape:
                              "top_logprobs": [self._one(i, x) for i, x in e["top"]]} for e in lps],
                 "refusal": None}
 
-    def full(self, rid, text, done, lps=None):
+    def full(self, rid, texts, dones, lpss):
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": self.logprobs(lps), "finish_reason": done["finish_reason"]}],
-                "usage": _usage(done)}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                             "logprobs": self.logprobs(lps), "finish_reason": done["finish_reason"]}
+                            for i, (text, done, lps) in enumerate(zip(texts, dones, lpss))],
+                "usage": _usage(dones)}
 
     def chunk(self, rid, text, finish=None, first=False, lps=None):
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
