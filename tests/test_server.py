@@ -436,3 +436,19 @@ def test_n_choices_stub(srv):
     j = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
                                              "n": 2}).json()
     assert [ch["message"]["content"] for ch in j["choices"]] == ["AB", "AB"]
+
+
+def test_echo_stub(srv):
+    c, _ = srv
+    j = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "echo": True}).json()
+    assert j["choices"][0]["text"] == "hiABC"
+    assert j["usage"]["completion_tokens"] == 3
+    with c.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "echo": True,
+                                                   "stream": True}) as r:
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    assert chunks[0]["choices"][0]["text"] == "hi"                 # the prompt comes first
+    assert "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"]) == "hiABC"
+    # max_tokens 0 only when scoring the prompt (echo + logprobs)
+    assert_error(c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 0, "echo": True}), 400,
+                 param="max_tokens")
+    assert_error(c.post("/v1/completions", json={"prompt": "hi", "echo": "yes"}), 400, param="echo")

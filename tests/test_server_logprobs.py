@@ -177,3 +177,66 @@ def test_errors_through_client(srv):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="smollm2", prompt="x", max_tokens=2, logprobs=6)
     assert e.value.body["param"] == "logprobs"
+
+
+def test_echo_scores_the_prompt(srv, by_bytes, hf_model):
+    """echo + logprobs + max_tokens 0: the prompt's own logprobs (the first token: null), as transformers
+    gives them teacher-forced; with max_tokens > 0 the completion's entries follow unchanged."""
+    tok, client, tol = srv
+    prompt = "The quick brown fox jumps over the lazy dog."
+    ids = tok.encode(prompt, add_special=True)
+    ref = hf_logprobs(hf_model, ids)
+    r = client.completions.create(model="smollm2", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt and r.usage.completion_tokens == 0
+    assert [by_bytes[t.encode()] for t in lp.tokens] == ids
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:], [ref[j - 1, ids[j]] for j in range(1, len(ids))], atol=tol)
+    for j in range(1, len(ids)):                   # the top 2 alternatives at each prompt position
+        want = np.argsort(-ref[j - 1])[:2]
+        got = [by_bytes[t.encode()] for t in lp.top_logprobs[j]]
+        assert got == list(want) or abs(ref[j - 1, want[0]] - ref[j - 1, want[1]]) < tol
+    # with a completion: prompt entries, then exactly the entries of the plain request
+    plain = client.completions.create(model="smollm2", prompt=prompt, max_tokens=4, temperature=0, logprobs=2)
+    both = client.completions.create(model="smollm2", prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
+                                     echo=True)
+    assert both.choices[0].text == prompt + plain.choices[0].text
+    b, p = both.choices[0].logprobs, plain.choices[0].logprobs
+    assert b.tokens == lp.tokens + p.tokens
+    # (1e-5: a step that scores a prompt computes all rows' logits, one matmul of another shape)
+    np.testing.assert_allclose(b.token_logprobs[1:len(ids)], lp.token_logprobs[1:], atol=1e-5)
+    np.testing.assert_allclose(b.token_logprobs[len(ids):], p.token_logprobs, atol=1e-5)
+    assert b.text_offset == [len("".join(b.tokens[:j])) for j in range(len(b.tokens))]
+    # streamed: the same entries
+    got = []
+    for ch in client.completions.create(model="smollm2", prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
+                                        echo=True, stream=True):
+        if ch.choices and ch.choices[0].logprobs:
+            got += ch.choices[0].logprobs.tokens
+    assert got == b.tokens
+
+
+def test_echo_long_prompt_across_chunks_while_another_decodes(srv, by_bytes, hf_model, license_text):
+    """A prompt longer than the prefill chunk (64) scored while another request decodes in the same steps."""
+    import threading
+    tok, client, tol = srv
+    ids = tok.encode(license_text[:1200], add_special=True)[:150]
+    assert len(ids) > 2 * 64
+    other = {}
+
+    def decode():
+        other["r"] = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=24,
+                                               temperature=0)
+    t = threading.Thread(target=decode)
+    t.start()
+    r = client.completions.create(model="smollm2", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    t.join(300)
+    ref = hf_logprobs(hf_model, ids)
+    lp = r.choices[0].logprobs
+    assert [by_bytes[tok.token_bytes(i)] for i in ids] == ids
+    assert len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
+    assert lp.tokens == [tok.token_text(i) for i in ids]
+    np.testing.assert_allclose(lp.token_logprobs[1:], [ref[j - 1, ids[j]] for j in range(1, len(ids))],
+                               atol=tol)
+    alone = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=24, temperature=0)
+    assert other["r"].choices[0].text == alone.choices[0].text

@@ -7,6 +7,13 @@
     POST /tokenize, /detokenize  text <-> ids (llama.cpp server's shapes: content / tokens)
     GET  /health, /metrics       liveness + slots; Prometheus text
 
+Sampling options as OpenAI defines them, plus llama.cpp's extras (top_k, min_p, repeat_penalty):
+logit_bias ({"token id": -100..100}, added to the logits before sampling and before greedy argmax);
+logprobs (chat: logprobs + top_logprobs 0..20; completions: logprobs 0..5), streamed or not, which
+are the model's own distribution: log_softmax of the raw logits, before logit_bias, penalties and
+temperature; n (1..16, not streaming: choice i is sampled with seed + i); echo (completions: the prompt
+comes back first; with logprobs its tokens are scored too, and max_tokens may be 0).
+
 Every error is OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Bodies are parsed and
 checked by hand (not pydantic models) so that each mistake gets one clear message naming its field.
 The app talks to the model only through the engine (submit a Request, receive its events).
@@ -204,11 +211,11 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             raise APIError(400, f"unknown model {m!r}: this server serves {model_id!r}", param="model",
                            code="model_not_found")
 
-    def budget(data, n_prompt: int, default: int | None, names=("max_tokens",)) -> int:
+    def budget(data, n_prompt: int, default: int | None, names=("max_tokens",), lo: int = 1) -> int:
         """max_tokens, checked against the context: prompt + max_tokens must fit (as OpenAI does)."""
         mt, name = None, names[0]
         for nm in names:
-            v = field(data, nm, "int", None, 1)
+            v = field(data, nm, "int", None, lo)
             if v is not None:
                 mt, name = v, nm
                 break
@@ -252,7 +259,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
                     logit_bias=bias, logprobs=logprobs, n=n)
 
     async def run(request: HTTPRequest, prompt_ids, max_tokens, shape, sp, stops, stream, include_usage,
-                  logit_bias, logprobs, n=1):
+                  logit_bias, logprobs, n=1, echo=None):
         """Submit; then either stream SSE chunks built by `shape` or return the whole response.
         n > 1 (not streaming): n independent requests, choice i sampled with seed `seed + i`."""
         loop = asyncio.get_running_loop()
@@ -265,7 +272,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
 
         reqs = [Request(list(prompt_ids), max_tokens,
                         sp if sp.seed is None or i == 0 else dataclasses.replace(sp, seed=sp.seed + i),
-                        stops, on_event=listener(i), logit_bias=logit_bias, logprobs=logprobs)
+                        stops, on_event=listener(i), logit_bias=logit_bias, logprobs=logprobs,
+                        prompt_logprobs=bool(echo) and logprobs is not None,
+                        skip_first_prompt_logprob=bool(echo and echo.get("added_bos")))
                 for i in range(n)]
         try:
             for r in reqs:
@@ -361,15 +370,16 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         data = await read_body(request)
         check_model(data)
         opts = common(data, chat=False)
-        if data.get("echo") not in (None, False):
-            raise APIError(400, "echo is not supported", param="echo", code="invalid_value")
+        echo = field(data, "echo", "bool", False)
         if data.get("suffix") not in (None, ""):
             raise APIError(400, "suffix is not supported", param="suffix", code="invalid_value")
         p = data.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
             p = p[0]                                       # a batch of one
+        added_bos = False
         if isinstance(p, str):
             ids = tok.encode(p, add_special=True)
+            added_bos = len(ids) > 0 and ids[:1] != tok.encode(p, add_special=False)[:1]
         elif isinstance(p, list) and p and all(isinstance(i, int) and not isinstance(i, bool) for i in p):
             if not all(0 <= i < tok.vocab_size for i in p):
                 raise APIError(400, f"token ids in 'prompt' must be in 0..{tok.vocab_size - 1}", param="prompt",
@@ -382,8 +392,13 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
                            param="prompt", code="invalid_type")
         if not ids:
             raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
-        mt = budget(data, len(ids), 16)
-        return await run(request, ids, mt, CompletionShape(model_id, tok), **opts)
+        # echo: the prompt is returned before the completion; with logprobs its tokens are scored too
+        # (the first one, which nothing precedes, gets null), and max_tokens may then be 0
+        mt = budget(data, len(ids), 16, lo=0 if echo and opts["logprobs"] is not None else 1)
+        if echo:
+            echo = {"text": p if isinstance(p, str) else tok.decode(ids), "added_bos": added_bos}
+        return await run(request, ids, mt, CompletionShape(model_id, tok, echo and echo["text"]),
+                         echo=echo or None, **opts)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -525,8 +540,8 @@ class CompletionShape:
     text_offset}; offsets are character positions in the returned text (as vLLM counts them)."""
     prefix = "cmpl-"
 
-    def __init__(self, model, tok=None):
-        self.model, self.tok, self.offset = model, tok, 0
+    def __init__(self, model, tok=None, echo: str | None = None):
+        self.model, self.tok, self.offset, self.echo = model, tok, 0, echo or ""
 
     def logprobs(self, lps, restart=False):
         if lps is None:
@@ -537,22 +552,26 @@ class CompletionShape:
         for e in lps:
             t = self.tok.token_text(e["id"])
             out["tokens"].append(t)
-            out["token_logprobs"].append(_lp(e["logprob"]))
-            out["top_logprobs"].append({self.tok.token_text(i): _lp(x) for i, x in e["top"]})
+            if e["logprob"] is None:                       # an echoed first prompt token
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                out["token_logprobs"].append(_lp(e["logprob"]))
+                out["top_logprobs"].append({self.tok.token_text(i): _lp(x) for i, x in e["top"]})
             out["text_offset"].append(self.offset)
             self.offset += len(t)
         return out
 
     def full(self, rid, texts, dones, lpss):
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model,
-                "choices": [{"index": i, "text": text, "logprobs": self.logprobs(lps, restart=True),
+                "choices": [{"index": i, "text": self.echo + text, "logprobs": self.logprobs(lps, restart=True),
                              "finish_reason": done["finish_reason"]}
                             for i, (text, done, lps) in enumerate(zip(texts, dones, lpss))],
                 "usage": _usage(dones)}
 
     def chunk(self, rid, text, finish=None, first=False, lps=None):
         if first:
-            text = ""
+            text = self.echo
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model,
                 "choices": [{"index": 0, "text": text or "", "logprobs": self.logprobs(lps),
                              "finish_reason": finish}]}

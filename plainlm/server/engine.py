@@ -18,7 +18,9 @@ most `max_queue` requests wait for a slot; past that `submit` raises `Busy` (HTT
 
 Events go back to the caller through `Request.on_event(kind, payload)`, called on the engine thread:
     ("logprob", dict)        (only when `Request.logprobs` is set) one per generated token, sent before
-                             that token's text: {"id", "logprob", "top": [(id, logprob), ...]}
+                             that token's text: {"id", "logprob", "top": [(id, logprob), ...]}; with
+                             `prompt_logprobs` also one per prompt token first (at the end of the
+                             prefill; logprob and top are None for a token nothing precedes)
     ("text", str)            decoded text, stop strings already cut out
     ("done", dict)           finish_reason, prompt_tokens, completion_tokens, ttft_s, ...
     ("error", str)           the request failed (a bug or an unexpected model error)
@@ -62,6 +64,8 @@ class Request:
     on_event: object = None                 # on_event(kind, payload), called on the engine thread
     logit_bias: dict = field(default_factory=dict)   # token id -> added to the logits before sampling
     logprobs: int | None = None             # None: off; k >= 0: report each token's logprob + top k
+    prompt_logprobs: bool = False           # the prompt's tokens too (echo); max_tokens may then be 0
+    skip_first_prompt_logprob: bool = False # the prompt starts with a BOS the server added: not reported
     # ---- engine state --------------------------------------------------------------------------
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False                 # set from any thread; the engine frees the slot next step
@@ -106,6 +110,7 @@ class Engine:
         self.n_slots, self.max_queue, self.n_ctx, self.prefill_chunk = n_slots, max_queue, n_ctx, prefill_chunk
         self.cache = model.new_cache(n_ctx, n_slots) if forward_fn is None else None
         self._forward = forward_fn or self._model_forward
+        self._forward_all = None if forward_fn is not None else self._model_forward_all   # [T, V]
         self.eos = set(getattr(tokenizer, "eot_ids", ()) or ())
         self.metrics = metrics or Metrics()
         self._waiting: deque[Request] = deque()
@@ -134,6 +139,10 @@ class Engine:
         """Queue `r`; raises Busy when slots and queue are full, ValueError for a prompt that can't fit."""
         if not r.prompt_ids:
             raise ValueError("empty prompt")
+        if r.prompt_logprobs and (self._forward_all is None or r.logprobs is None):
+            raise ValueError("prompt logprobs need logprobs set and a real model")
+        if r.max_tokens < (0 if r.prompt_logprobs else 1):
+            raise ValueError("max_tokens must be >= 1 (0 only when scoring the prompt)")
         if len(r.prompt_ids) >= self.n_ctx:
             raise ValueError(f"prompt of {len(r.prompt_ids)} tokens does not fit the context of {self.n_ctx}")
         with self._cv:
@@ -165,6 +174,9 @@ class Engine:
 
     def _model_forward(self, ids, pos, slot):
         return forward(self.model, ids, pos, self.cache, slot, logits="per_slot")
+
+    def _model_forward_all(self, ids, pos, slot):
+        return forward(self.model, ids, pos, self.cache, slot, logits="all")
 
     def _loop(self) -> None:
         if self.model is not None:
@@ -211,7 +223,7 @@ class Engine:
         if not self._running:
             return
         # ---- build one batch: decodes first (one token each), then prompt chunks ----------------
-        batch, ids, pos, slot = [], [], [], []
+        batch, ids, pos, slot, spans = [], [], [], [], {}
         for r in self._running:
             if r.state == DECODE:
                 p = len(r.prompt_ids) + len(r.out_ids) - 1      # position of the last sampled token
@@ -223,15 +235,22 @@ class Engine:
                 n = min(budget, len(r.prompt_ids) - r.n_prefilled)
                 a = r.n_prefilled
                 batch.append(r)
+                spans[r.id] = (len(ids), a, n)                 # rows of this chunk, first position, count
                 ids += r.prompt_ids[a:a + n]
                 pos += range(a, a + n)
                 slot += [r.slot] * n
                 r.n_prefilled += n
                 budget -= n
         t0 = time.perf_counter()
+        all_rows, rows = any(r.state == PREFILL and r.prompt_logprobs for r in batch), None
         try:
-            logits = self._forward(np.asarray(ids, np.int64), np.asarray(pos, np.int64),
-                                   np.asarray(slot, np.int64))                      # [len(batch), V]
+            ids_, pos_, slot_ = np.asarray(ids, np.int64), np.asarray(pos, np.int64), np.asarray(slot, np.int64)
+            if all_rows:                  # someone scores its prompt: every row, then the last per slot
+                rows = self._forward_all(ids_, pos_, slot_)                         # [T, V]
+                _, first = np.unique(slot_[::-1], return_index=True)
+                logits = rows[sorted(len(slot_) - 1 - first)]
+            else:
+                logits = self._forward(ids_, pos_, slot_)                           # [len(batch), V]
         except Exception as e:                                                      # noqa: BLE001
             for r in batch:
                 self._emit(r, "error", f"model error: {type(e).__name__}: {e}")
@@ -246,17 +265,31 @@ class Engine:
         self.max_decode_batch = max(self.max_decode_batch, n_dec)
         # ---- one sampled token per request whose logits are for a real next token ----------------
         for r, row in zip(batch, logits):
-            if r.state == PREFILL:
-                if r.n_prefilled < len(r.prompt_ids):
-                    continue                                   # mid-prompt: nothing to sample yet
-                r.state = DECODE
-                r.t_first = time.perf_counter()
-                self.metrics.observe("plainlm_time_to_first_token_seconds", r.t_first - r.t_submit)
             try:
+                if r.state == PREFILL:
+                    if r.prompt_logprobs:
+                        self._prompt_logprobs(r, rows, *spans[r.id])
+                    if r.n_prefilled < len(r.prompt_ids):
+                        continue                               # mid-prompt: nothing to sample yet
+                    r.state = DECODE
+                    r.t_first = time.perf_counter()
+                    self.metrics.observe("plainlm_time_to_first_token_seconds", r.t_first - r.t_submit)
+                    if r.max_tokens == 0:                      # only scoring the prompt
+                        self._finished(r, "length")
+                        continue
                 self._accept(r, row)
             except Exception as e:                             # noqa: BLE001 - never kill the engine
                 self._emit(r, "error", f"{type(e).__name__}: {e}")
                 self._finished(r, "error", notify=False)
+
+    def _prompt_logprobs(self, r: Request, rows, start: int, a: int, n: int) -> None:
+        """Logprobs of the prompt tokens this chunk's rows predict (row of position p -> token p + 1)."""
+        if a == 0 and not r.skip_first_prompt_logprob:
+            self._emit(r, "logprob", {"id": int(r.prompt_ids[0]), "logprob": None, "top": None})
+        for j in range(n):
+            p = a + j
+            if p + 1 < len(r.prompt_ids):
+                self._emit(r, "logprob", token_logprobs(rows[start + j], r.prompt_ids[p + 1], r.logprobs))
 
     def _accept(self, r: Request, row) -> None:
         history = (r.prompt_ids + r.out_ids) if r._penalised else ()
