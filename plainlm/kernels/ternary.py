@@ -427,9 +427,16 @@ def ternary_matmul(w, x: np.ndarray, backend: str = "ref") -> np.ndarray:
     if x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"ternary matmul: x has shape {list(x.shape)}, expected [T, {w.shape[1]}]")
     kp = w.plus.shape[1] * 8
+    if backend == "fast" and HAVE_VNNI and w.shape[0] % TR == 0:
+        x = np.ascontiguousarray(x)                # quantized straight into the VNNI kernel's order
+        x8t, s = np.empty((x.shape[0], kp), np.int8), np.empty(x.shape[0], np.float32)
+        _act_quant_t(x, kp, x8t, s)
+        y = np.empty((x.shape[0], w.shape[0]), np.float32)
+        _tmm_vnni(w.plus, w.minus, w.scale, x8t, s, y)
+        return y
     if backend == "fast" and HAVE_NUMBA:
         x16, s = act_quant_fast(x, kp)
-        return tmatmul_fast(w.plus, w.minus, w.scale, x16, s)
+        return tmatmul_fast(w.plus, w.minus, w.scale, x16, s, vnni=False)
     xq, s = act_quant_ref(x, kp)
     return tmatmul_ref(w.plus, w.minus, w.scale, w.shape[1], xq, s)
 
