@@ -5,7 +5,6 @@ Names follow GGUF: token_embd, blk.{i}.attn_q, ..., output_norm, output.
 """
 from __future__ import annotations
 
-import mmap
 import os
 from dataclasses import dataclass, field
 
@@ -52,20 +51,7 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
             w[f"blk.{i}.attn_k"] = unpermute_qk(w[f"blk.{i}.attn_k"], cfg.n_kv_heads)
     if "output" not in w:
         w["output"] = w["token_embd"]                 # tied head: logits = x @ token_embd.T
-    _release_header(g)
     return Checkpoint(cfg, w, g.metadata, g.path)
-
-
-def _release_header(g: GGUFFile) -> None:
-    """The reader copied the header (metadata, tensor table) into Python objects; drop its mapped
-    pages from the resident set (a large vocabulary + merges are several MB of file pages)."""
-    from .safetensors import release_pages
-    t = next((t for t in g.tensors.values() if t.data is not None), None)
-    obj = t.data if t is not None else None
-    while obj is not None and not isinstance(obj, mmap.mmap):
-        obj = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
-    if obj is not None and g.data_start > 0:
-        release_pages(np.frombuffer(obj, np.uint8, count=min(g.data_start, len(obj))))
 
 
 def _bitnet_weights(w: dict, path: str) -> None:

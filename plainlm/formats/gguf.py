@@ -252,6 +252,10 @@ def read_gguf(path: str | os.PathLike, mmap_data: bool = True) -> GGUFFile:
             if qt.name != "I2_S":                   # I2_S stays flat: its scale tail is not a row
                 data = data.reshape(rows, -1)
         tensors[name] = TensorInfo(name, qt, shape, start, nbytes, data)
+    if mmap_data and hasattr(mmap, "MADV_DONTNEED") and data_start >= mmap.PAGESIZE:
+        # the header now lives in Python objects: drop its mapped pages from the resident set (a
+        # large vocabulary + merges are several MB); whole pages only, the tensor data stay mapped
+        buf.madvise(mmap.MADV_DONTNEED, 0, data_start // mmap.PAGESIZE * mmap.PAGESIZE)
     return GGUFFile(path, version, meta, tensors, alignment, data_start, size)
 
 
