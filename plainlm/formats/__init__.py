@@ -66,6 +66,14 @@ def _bitnet_weights(w: dict, path: str) -> None:
     from ..quant import BF16, F16, TQ1_0, TQ2_0
     from ..quant.ternary import I2_S, TernaryFormatError, TernaryWeight
     from .safetensors import release_pages
+    # First copy the 1-D tensors (norms, scales) out of the map: read later, next to ternary data
+    # whose pages were already released, a fault can map a whole page-cache folio back in (measured:
+    # +40 MB of attn_q / ffn_down pages resident on the 2B-4T-shaped bench file).
+    for name in list(w):
+        t = w[name]
+        if isinstance(t, QTensor) and len(t.shape) == 1:
+            w[name] = QTensor(t.qtype, t.shape, np.array(t.data))
+            release_pages(t.data)
     for name in list(w):
         t = w[name]
         if not isinstance(t, QTensor) or len(t.shape) != 2:
