@@ -320,10 +320,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
                 for r in reqs:
                     r.cancel()                             # no-op once finished; frees the slot otherwise
         r = reqs[0]
-        q_get = q.get
 
-        async def get():
-            _, kind, payload = await q_get()
+        async def get():                                   # one request when streaming: drop its index
+            _, kind, payload = await q.get()
             return kind, payload
 
         async def events():
@@ -379,7 +378,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         added_bos = False
         if isinstance(p, str):
             ids = tok.encode(p, add_special=True)
-            added_bos = len(ids) > 0 and ids[:1] != tok.encode(p, add_special=False)[:1]
+            added_bos = tok.add_bos and tok.bos_id is not None        # what encode(add_special) prepends
         elif isinstance(p, list) and p and all(isinstance(i, int) and not isinstance(i, bool) for i in p):
             if not all(0 <= i < tok.vocab_size for i in p):
                 raise APIError(400, f"token ids in 'prompt' must be in 0..{tok.vocab_size - 1}", param="prompt",

@@ -50,6 +50,7 @@ class StubTokenizer:
     special_ids = {0, 1, 2}
     chat_template = None
     bos_id, eos_id = 1, 0
+    add_bos = False                   # encode never prepends BOS
 
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         return [b + 3 for b in text.encode("utf-8")]
